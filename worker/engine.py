@@ -1,0 +1,277 @@
+"""The stage engine: the one thread of a worker that touches MLX, and the per-request state machine
+of the data plane.
+
+Every message of the data plane (``StageMessage``) and every control job (load, release) becomes a
+job on one queue, run in order on the engine's thread. MLX work therefore never crosses threads,
+and per-request order is the order of arrival on each stream.
+
+A request's life on the ring of stages:
+  stage 0 gets ``start`` (with the prompt) from the coordinator -> passes ``start`` on -> prefill in
+  chunks (each chunk a job, so other requests' decode steps interleave) -> ``activations`` flow
+  stage to stage -> the last stage samples and sends ``next_token`` to stage 0 -> ... -> the last
+  stage sees EOS or max tokens, or stage 0 sees a cancel -> ``end`` travels the ring once and every
+  stage frees the request's caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from pomona.proto import worker_pb2
+
+from .sampling import Sampler, SamplingConfig
+from .stage import StageModel
+from .wire import decode_tensor, encode_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    caches: list
+    max_tokens: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+    prompt: list[int] = field(default_factory=list)  # stage 0 only
+    prefill_chunk_tokens: int = 256
+    position: int = 0  # stage 0: prompt tokens already sent into the pipeline
+    sampler: Sampler | None = None  # last stage only
+    generated: int = 0
+    cancelled: bool = False
+
+
+class ResultHub:
+    """Fans the token events of this worker out to every subscribed coordinator stream."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[queue.SimpleQueue] = []
+
+    def subscribe(self) -> queue.SimpleQueue:
+        subscriber: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: queue.SimpleQueue) -> None:
+        with self._lock:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+    def publish(self, event: worker_pb2.TokenEvent) -> None:
+        with self._lock:
+            for subscriber in self._subscribers:
+                subscriber.put(event)
+
+
+class StageEngine:
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.stage: StageModel | None = None
+        self.stage_index = 0
+        self.stage_count = 1
+        self.send_next: Callable[[worker_pb2.StageMessage], None] | None = None
+        self.requests: dict[str, RequestState] = {}
+        self.results = ResultHub()
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    # -- running jobs on the engine thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            try:
+                result = job()
+            except BaseException as error:  # reported to whoever waits on the job
+                if future is None:
+                    log.exception("engine job failed")
+                else:
+                    future.set_exception(error)
+            else:
+                if future is not None:
+                    future.set_result(result)
+
+    def call(self, job: Callable[[], Any]) -> Future:
+        """Run ``job`` on the engine thread; the future holds its result."""
+        future: Future = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def submit(self, message: worker_pb2.StageMessage) -> None:
+        """Queue a data-plane message (called from gRPC handler threads)."""
+        self._jobs.put((lambda: self._handle(message), None))
+
+    # -- configuration (engine thread) ---------------------------------------------------------
+
+    def install(self, stage: StageModel, index: int, count: int, send_next) -> None:
+        self.release()
+        self.stage, self.stage_index, self.stage_count = stage, index, count
+        self.send_next = send_next if count > 1 else None
+
+    def release(self) -> None:
+        self.requests.clear()
+        self.stage = None
+        self.send_next = None
+        mx.clear_cache()
+
+    def cache_bytes(self) -> int:
+        return sum(
+            getattr(cache, "nbytes", 0) for state in self.requests.values() for cache in state.caches
+        )
+
+    # -- the data plane (engine thread) ----------------------------------------------------------
+
+    @property
+    def _is_last(self) -> bool:
+        return self.stage_index == self.stage_count - 1
+
+    def _forward(self, message: worker_pb2.StageMessage) -> None:
+        if self.send_next is None:  # a single stage is its own next stage
+            self.submit(message)
+        else:
+            self.send_next(message)
+
+    def _handle(self, message: worker_pb2.StageMessage) -> None:
+        request_id = message.request_id
+        kind = message.WhichOneof("body")
+        if self.stage is None:
+            self._fail(request_id, "this worker has no shard loaded")
+            return
+        try:
+            getattr(self, f"_on_{kind}")(request_id, getattr(message, kind))
+        except Exception as error:
+            log.exception("request %s failed on stage %d", request_id, self.stage_index)
+            self._fail(request_id, f"stage {self.stage_index}: {type(error).__name__}: {error}")
+
+    def _fail(self, request_id: str, reason: str) -> None:
+        self.results.publish(worker_pb2.TokenEvent(request_id=request_id, error=reason))
+        if request_id in self.requests:
+            self._end(request_id, origin=self.stage_index)
+
+    def _on_start(self, request_id: str, start: worker_pb2.StartRequest) -> None:
+        state = RequestState(
+            caches=self.stage.new_caches(),
+            max_tokens=start.max_tokens,
+            eos_token_ids=frozenset(start.eos_token_ids),
+            prefill_chunk_tokens=max(1, start.prefill_chunk_tokens or 256),
+        )
+        if self._is_last:
+            sampling = start.sampling
+            state.sampler = Sampler(
+                SamplingConfig(
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    min_p=sampling.min_p,
+                    seed=sampling.seed if sampling.HasField("seed") else None,
+                )
+            )
+        self.requests[request_id] = state
+        if self.stage_index == 0:
+            state.prompt = list(start.prompt_token_ids)
+            if not state.prompt:
+                raise ValueError("empty prompt")
+        if not self._is_last:
+            onward = worker_pb2.StartRequest()
+            onward.CopyFrom(start)
+            del onward.prompt_token_ids[:]
+            self._forward(worker_pb2.StageMessage(request_id=request_id, start=onward))
+        if self.stage_index == 0:
+            self._prefill_chunk(request_id)
+
+    def _prefill_chunk(self, request_id: str) -> None:
+        """Stage 0: push the next chunk of the prompt into the pipeline.
+
+        Like mlx-lm's ``generate_step``, all but the last prompt token go in chunks; the last token
+        goes alone and the last stage samples after it.
+        """
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        if state.cancelled:
+            self._end(request_id, origin=self.stage_index)
+            return
+        remaining = len(state.prompt) - state.position
+        if remaining > 1:
+            count = min(state.prefill_chunk_tokens, remaining - 1)
+            sample = False
+        else:
+            count, sample = remaining, True
+        ids = state.prompt[state.position : state.position + count]
+        state.position += count
+        self._step(request_id, state, mx.array([ids], dtype=mx.int32), sample)
+        if not sample:  # requeue, so that other requests' steps run between chunks
+            self._jobs.put((lambda: self._guarded_prefill(request_id), None))
+
+    def _guarded_prefill(self, request_id: str) -> None:
+        try:
+            self._prefill_chunk(request_id)
+        except Exception as error:
+            log.exception("prefill of %s failed", request_id)
+            self._fail(request_id, f"stage 0: {type(error).__name__}: {error}")
+
+    def _step(self, request_id: str, state: RequestState, inputs: mx.array, sample: bool) -> None:
+        hidden = self.stage.forward(inputs, state.caches)  # [1, L, D]
+        if not self._is_last:
+            activations = worker_pb2.Activations(hidden=encode_tensor(hidden), sample=sample)
+            self._forward(worker_pb2.StageMessage(request_id=request_id, activations=activations))
+        elif sample:
+            token = state.sampler(self.stage.logits(hidden))
+            self._emit_token(request_id, state, token)
+        else:
+            mx.eval(hidden)  # a prefill chunk: only the caches matter
+
+    def _on_activations(self, request_id: str, activations: worker_pb2.Activations) -> None:
+        state = self.requests.get(request_id)
+        if state is None:
+            return  # the request ended (failed or cancelled) while this was in flight
+        self._step(request_id, state, decode_tensor(activations.hidden), activations.sample)
+
+    def _emit_token(self, request_id: str, state: RequestState, token: int) -> None:
+        state.generated += 1
+        if token in state.eos_token_ids:
+            finish = "stop"
+        elif state.generated >= state.max_tokens:
+            finish = "length"
+        else:
+            finish = ""
+        if finish:
+            self._end(request_id, origin=self.stage_index)
+        else:
+            next_token = worker_pb2.NextToken(token_id=token)
+            self._forward(worker_pb2.StageMessage(request_id=request_id, next_token=next_token))
+        # Stage 0 already has the token; the coordinator's copy is off the critical path.
+        event = worker_pb2.TokenEvent(request_id=request_id, token_id=token, finish_reason=finish)
+        self.results.publish(event)
+
+    def _on_next_token(self, request_id: str, next_token: worker_pb2.NextToken) -> None:
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        if state.cancelled:
+            self._end(request_id, origin=self.stage_index)
+            return
+        self._step(request_id, state, mx.array([[next_token.token_id]], dtype=mx.int32), True)
+
+    def _end(self, request_id: str, origin: int) -> None:
+        self.requests.pop(request_id, None)
+        next_index = (self.stage_index + 1) % self.stage_count
+        if next_index != origin:
+            end = worker_pb2.EndRequest(origin=origin)
+            self._forward(worker_pb2.StageMessage(request_id=request_id, end=end))
+
+    def _on_end(self, request_id: str, end: worker_pb2.EndRequest) -> None:
+        self._end(request_id, end.origin)
+
+    def _on_cancel(self, request_id: str, cancel: worker_pb2.CancelRequest) -> None:
+        state = self.requests.get(request_id)
+        if state is not None:
+            state.cancelled = True

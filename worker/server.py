@@ -1,0 +1,151 @@
+"""The worker's gRPC service: converts proto messages and delegates to the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import socket
+import threading
+from concurrent import futures
+
+import grpc
+import mlx.core as mx
+import psutil
+
+from pomona import __version__
+from pomona.errors import PomonaError
+from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.proto import worker_pb2, worker_pb2_grpc
+
+from .engine import StageEngine
+from .link import NextStageLink
+from .stage import load_stage
+
+log = logging.getLogger(__name__)
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, stop_server) -> None:
+        self.engine = StageEngine()
+        self._link: NextStageLink | None = None
+        self._loaded: worker_pb2.LoadShardRequest | None = None
+        self._stop_server = stop_server
+
+    def Describe(self, request, context):
+        memory = psutil.virtual_memory()
+        return worker_pb2.NodeInfo(
+            hostname=socket.gethostname(),
+            platform=f"{platform.system()} {platform.machine()}",
+            memory_total_bytes=memory.total,
+            memory_available_bytes=memory.available,
+            pid=os.getpid(),
+            mlx_device=str(mx.default_device()),
+            version=__version__,
+        )
+
+    def LoadShard(self, request, context):
+        progress: queue.SimpleQueue = queue.SimpleQueue()
+
+        def report(fraction: float, message: str) -> None:
+            progress.put(worker_pb2.LoadProgress(fraction=fraction, message=message))
+
+        def load():
+            stage = load_stage(
+                request.model_path,
+                request.layer_start,
+                request.layer_end,
+                request.is_first,
+                request.is_last,
+                progress=report,
+            )
+            self.engine.install(stage, request.stage_index, request.stage_count, self._connect(request))
+            return stage.parameter_bytes
+
+        self._disconnect()
+        job = self.engine.call(load)
+        job.add_done_callback(lambda _: progress.put(None))
+        while (item := progress.get()) is not None:
+            yield item
+        error = job.exception()
+        if error is not None:
+            reason = str(error) if isinstance(error, PomonaError) else f"{type(error).__name__}: {error}"
+            log.error("loading failed: %s", reason)
+            yield worker_pb2.LoadProgress(done=True, error=reason)
+            return
+        self._loaded = request
+        yield worker_pb2.LoadProgress(
+            fraction=1.0,
+            done=True,
+            message="ready",
+            parameter_bytes=job.result(),
+            rss_bytes=psutil.Process().memory_info().rss,
+        )
+
+    def _connect(self, request):
+        if request.stage_count <= 1:
+            return None
+        self._link = NextStageLink(request.next_address)
+        return self._link.send
+
+    def _disconnect(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def Status(self, request, context):
+        def snapshot():
+            stage = self.engine.stage
+            return worker_pb2.WorkerStatus(
+                loaded=stage is not None,
+                layer_start=stage.start if stage else 0,
+                layer_end=stage.end if stage else 0,
+                is_first=bool(stage and stage.is_first),
+                is_last=bool(stage and stage.is_last),
+                active_requests=len(self.engine.requests),
+                parameter_bytes=stage.parameter_bytes if stage else 0,
+                rss_bytes=psutil.Process().memory_info().rss,
+                cache_bytes=self.engine.cache_bytes(),
+                model_path=self._loaded.model_path if self._loaded else "",
+            )
+
+        return self.engine.call(snapshot).result(timeout=60)
+
+    def Release(self, request, context):
+        self._disconnect()
+        self.engine.call(self.engine.release).result(timeout=60)
+        self._loaded = None
+        return worker_pb2.ReleaseReply()
+
+    def Shutdown(self, request, context):
+        threading.Thread(target=self._stop_server, daemon=True).start()
+        return worker_pb2.ShutdownReply()
+
+    def Forward(self, request_iterator, context):
+        for message in request_iterator:
+            self.engine.submit(message)
+        return worker_pb2.ForwardReply()
+
+    def Results(self, request, context):
+        subscriber = self.engine.results.subscribe()
+        try:
+            while context.is_active():
+                try:
+                    yield subscriber.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+        finally:
+            self.engine.results.unsubscribe(subscriber)
+
+
+def serve(host: str, port: int) -> tuple[grpc.Server, threading.Event]:
+    """Start a worker server; returns it and an event set when it should stop."""
+    stopped = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=CHANNEL_OPTIONS)
+    service = WorkerService(stop_server=stopped.set)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
+    server.start()
+    return server, stopped

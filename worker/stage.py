@@ -1,0 +1,155 @@
+"""One pipeline stage of a real checkpoint: build the mlx-lm model skeleton, keep only the stage's
+layers (plus the embedding on the first stage, the final norm and head on the last), load only the
+weights those keep, and run them.
+
+Both checkpoint kinds go through mlx-lm's own model classes: a directory in the layout mlx-lm loads
+(weights stay lazy until the shard is evaluated, so the other layers are never read from disk), and a
+GGUF file (mapped to mlx-lm names by ``worker.gguf_loader``; tensors outside the shard are dropped as
+they are mapped).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from pomona.errors import ModelError
+
+from .families import FamilyAdapter, adapter_for
+
+ProgressFn = Callable[[float, str], None]
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class StageModel:
+    """A loaded shard: layers ``[start, end)`` of ``model`` and the adapter that knows its family."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        architecture: str,
+        start: int,
+        end: int,
+        is_first: bool,
+        is_last: bool,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.architecture = architecture
+        self.start, self.end = start, end
+        self.is_first, self.is_last = is_first, is_last
+        self.layer_indices = list(range(start, end))
+        self.layers = adapter.backbone(model).layers[start:end]
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def parameter_names(self) -> set[str]:
+        return {name for name, _ in tree_flatten(self.model.parameters())}
+
+    def new_caches(self) -> list:
+        """Fresh per-request caches for this stage's layers, of the kinds mlx-lm's model uses."""
+        return [self.adapter.make_cache(self.model, i) for i in self.layer_indices]
+
+    def forward(self, inputs: mx.array, caches: list) -> mx.array:
+        """Token ids ``[1, L]`` (first stage) or hidden states ``[1, L, D]`` -> hidden ``[1, L, D]``."""
+        hidden = self.adapter.embed(self.model, inputs) if self.is_first else inputs
+        masks = self.adapter.masks(self.model, hidden, self.layer_indices, caches)
+        for layer, cache, mask in zip(self.layers, caches, masks):
+            hidden = layer(hidden, mask, cache=cache)
+        return hidden
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """Last stage only: final norm and head on the last position -> ``[vocab]``."""
+        return self.adapter.head(self.model, hidden[:, -1:, :])[0, -1]
+
+
+def _read_architecture(model_path: Path) -> str:
+    import json
+
+    config = json.loads((model_path / "config.json").read_text())
+    return config.get("model_type") or config.get("text_config", {}).get("model_type", "")
+
+
+def _evaluate_with_progress(stage: StageModel, progress: ProgressFn) -> None:
+    # Evaluating layer by layer reads only this shard's tensors and lets the caller show progress.
+    count = len(stage.layers)
+    for done, layer in enumerate(stage.layers, start=1):
+        mx.eval(layer.parameters())
+        progress(done / (count + 1), f"layer {stage.layer_indices[done - 1]} loaded")
+    mx.eval(stage.model.parameters())
+    progress(1.0, "shard loaded")
+
+
+def _load_directory(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
+    from mlx_lm.utils import load_model
+
+    architecture = _read_architecture(path)
+    adapter = adapter_for(architecture)
+    try:
+        model, _ = load_model(path, lazy=True, strict=True)
+    except (FileNotFoundError, ValueError) as error:
+        raise ModelError(f"cannot load the checkpoint at {path}: {error}") from error
+    _check_layer_range(adapter.num_layers(model), start, end, path)
+    adapter.keep_only(model, start, end, is_first, is_last)
+    return StageModel(model, adapter, architecture, start, end, is_first, is_last)
+
+
+def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
+    from mlx_lm.models import llama
+
+    from .gguf_loader import load_gguf
+
+    def in_shard(name: str) -> bool:
+        match = _LAYER.search(name)
+        if match:
+            return start <= int(match.group(1)) < end
+        if "embed_tokens" in name:
+            return is_first or is_last  # the last stage needs it as the head when tied
+        return is_last  # final norm, lm_head
+
+    checkpoint = load_gguf(path, keep=in_shard)
+    adapter = adapter_for(checkpoint.config["model_type"])
+    model = llama.Model(llama.ModelArgs.from_dict(checkpoint.config))
+    _check_layer_range(adapter.num_layers(model), start, end, path)
+    adapter.keep_only(model, start, end, is_first, is_last)
+    nn.quantize(model, class_predicate=lambda p, m: checkpoint.quantization.get(p, False))
+    wanted = {name for name, _ in tree_flatten(model.parameters())}
+    weights = [(k, v) for k, v in checkpoint.weights.items() if k in wanted]
+    model.load_weights(weights, strict=True)
+    model.eval()
+    return StageModel(model, adapter, "llama", start, end, is_first, is_last)
+
+
+def _check_layer_range(num_layers: int, start: int, end: int, path: Path) -> None:
+    if not 0 <= start < end <= num_layers:
+        raise ModelError(
+            f"layer range [{start}, {end}) is outside the {num_layers} layers of the model at {path}"
+        )
+
+
+def load_stage(
+    model_path: str | Path,
+    start: int,
+    end: int,
+    is_first: bool,
+    is_last: bool,
+    progress: ProgressFn = lambda fraction, message: None,
+) -> StageModel:
+    """Load layers ``[start, end)`` of the model at ``model_path`` (a GGUF file or a directory)."""
+    path = Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stage = _load_gguf(path, start, end, is_first, is_last)
+    elif path.is_dir() and (path / "config.json").is_file():
+        stage = _load_directory(path, start, end, is_first, is_last)
+    else:
+        raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
+    _evaluate_with_progress(stage, progress)
+    return stage
