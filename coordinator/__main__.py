@@ -1,0 +1,108 @@
+"""``python -m coordinator``: bring up the cluster of a cluster.yaml and serve it until stopped.
+
+``pomona up`` starts this in the background. It writes its state (pid, address, the workers it
+started) to ``<state-dir>/cluster.json`` so that ``pomona generate|status|down`` find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from pomona.config import load_cluster_config
+from pomona.errors import PomonaError
+from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.proto import coordinator_pb2_grpc
+
+from .cluster import Cluster
+from .service import CoordinatorService
+
+log = logging.getLogger("coordinator")
+
+# After a failed start, stay up this long so `pomona up` can read why, then exit.
+FAILED_LINGER_S = 30.0
+
+
+def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
+    state = {
+        "pid": os.getpid(),
+        "address": address,
+        "config": str(cluster.config.path),
+        "worker_pids": {
+            name: node.info.pid
+            for name, node in cluster.nodes.items()
+            if node.info is not None and node.process is not None
+        },
+    }
+    tmp = state_dir / "cluster.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(state_dir / "cluster.json")
+
+
+async def run(config_path: Path, state_dir: Path) -> int:
+    config = load_cluster_config(config_path)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(config=config, log_dir=state_dir / "logs")
+    cluster.log_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster, stop), server)
+    address = config.coordinator.address
+    if server.add_insecure_port(address) == 0:
+        print(f"pomona coordinator: cannot listen on {address} (is the port in use?)", file=sys.stderr)
+        return 2
+    await server.start()
+    _write_state(state_dir, cluster, address)
+    starting = asyncio.create_task(cluster.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if starting.done() and starting.exception() is not None:
+        code = 1
+        _write_state(state_dir, cluster, address)
+        try:
+            await asyncio.wait_for(stop.wait(), FAILED_LINGER_S)
+        except TimeoutError:
+            pass
+    else:
+        if starting.done():
+            _write_state(state_dir, cluster, address)  # now with the workers' pids
+            log.info("cluster ready at %s", address)
+            await stop.wait()
+        else:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    await cluster.stop()
+    await server.stop(grace=1)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description=__doc__)
+    parser.add_argument("--config", type=Path, default=Path("cluster.yaml"))
+    parser.add_argument("--state-dir", type=Path, default=Path(".pomona"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s"
+    )
+    try:
+        return asyncio.run(run(args.config, args.state_dir))
+    except PomonaError as error:
+        print(f"pomona coordinator: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

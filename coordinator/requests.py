@@ -1,0 +1,163 @@
+"""Requests on the coordinator: prompt -> token ids -> the pipeline -> streamed text.
+
+The coordinator sends a request's prompt to stage 0 once; after that, every decode step runs around
+the ring of stages without it. Sampled tokens reach it on each worker's ``Results`` stream, off the
+critical path, and are routed here by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from pomona.errors import PomonaError
+from pomona.proto import coordinator_pb2, worker_pb2
+
+from .textstream import TextStream
+
+# A request whose last stage has said nothing for this long has failed (a node died, say).
+TOKEN_TIMEOUT_S = 300.0
+
+
+class RequestError(PomonaError):
+    """A request the cluster cannot serve as asked (bad parameters, prompt too long)."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    context_length: int
+    default_max_tokens: int
+    prefill_chunk_tokens: int
+
+
+def validate_sampling(sampling: worker_pb2.SamplingParams) -> None:
+    if sampling.temperature < 0:
+        raise RequestError(f"temperature must be >= 0, got {sampling.temperature}")
+    if not 0 <= sampling.top_p <= 1:
+        raise RequestError(f"top_p must be between 0 and 1, got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise RequestError(f"top_k must be >= 0, got {sampling.top_k}")
+    if not 0 <= sampling.min_p <= 1:
+        raise RequestError(f"min_p must be between 0 and 1, got {sampling.min_p}")
+
+
+class RequestRouter:
+    def __init__(
+        self,
+        tokenizer,
+        limits: RequestLimits,
+        send_to_first_stage: Callable[[worker_pb2.StageMessage], Awaitable[None]],
+    ):
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self._send = send_to_first_stage
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._queues)
+
+    def dispatch(self, event: worker_pb2.TokenEvent) -> None:
+        """Route a worker's token event to its request (events of finished requests are dropped)."""
+        queue = self._queues.get(event.request_id)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    def fail_all(self, reason: str) -> None:
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(worker_pb2.TokenEvent(request_id=request_id, error=reason))
+
+    def prompt_token_ids(self, request: coordinator_pb2.GenerateRequest) -> list[int]:
+        if request.raw:
+            if request.messages:
+                raise RequestError("a raw request takes `prompt`, not chat `messages`")
+            ids = self.tokenizer.encode(request.prompt)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if not messages:
+                messages = [{"role": "user", "content": request.prompt}]
+            ids = self.tokenizer.encode_chat(messages)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.limits.context_length:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the model's context holds "
+                f"{self.limits.context_length}: shorten the prompt"
+            )
+        return ids
+
+    async def generate(
+        self, request: coordinator_pb2.GenerateRequest
+    ) -> AsyncIterator[coordinator_pb2.GenerateChunk]:
+        validate_sampling(request.sampling)
+        if request.max_tokens < 0:
+            raise RequestError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        started = time.perf_counter()
+        prompt = self.prompt_token_ids(request)
+        room = self.limits.context_length - len(prompt)
+        max_tokens = min(request.max_tokens or self.limits.default_max_tokens, room)
+        eos = [] if request.ignore_eos else list(self.tokenizer.eos_token_ids)
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        stream = TextStream(self.tokenizer.decode, list(request.stop))
+        finish_reason = ""
+        first_token_at = last_token_at = 0.0
+        try:
+            start = worker_pb2.StartRequest(
+                prompt_token_ids=prompt,
+                sampling=request.sampling,
+                max_tokens=max_tokens,
+                eos_token_ids=eos,
+                prefill_chunk_tokens=self.limits.prefill_chunk_tokens,
+            )
+            await self._send(worker_pb2.StageMessage(request_id=request_id, start=start))
+            while not finish_reason:
+                try:
+                    event = await asyncio.wait_for(queue.get(), TOKEN_TIMEOUT_S)
+                except TimeoutError:
+                    raise PomonaError(
+                        f"no token arrived for {TOKEN_TIMEOUT_S:.0f} s: a node may have failed; "
+                        "see `pomona status`"
+                    ) from None
+                if event.error:
+                    raise PomonaError(f"generation failed: {event.error}")
+                last_token_at = time.perf_counter()
+                first_token_at = first_token_at or last_token_at
+                is_eos = event.finish_reason == "stop"
+                text = stream.push(event.token_id, final=bool(event.finish_reason))
+                if stream.stopped:
+                    finish_reason = "stop"
+                else:
+                    finish_reason = event.finish_reason
+                if is_eos or stream.stopped or event.finish_reason:
+                    text += stream.finish()
+                yield coordinator_pb2.GenerateChunk(text=text, token_ids=[event.token_id])
+        finally:
+            del self._queues[request_id]
+            if finish_reason != "length" and not (finish_reason == "stop" and not stream.stopped):
+                # The pipeline is still generating (stop string, error, client gone): stop it.
+                cancel = worker_pb2.StageMessage(
+                    request_id=request_id, cancel=worker_pb2.CancelRequest()
+                )
+                # Not awaited: this also runs when the client is gone and the task is cancelled.
+                task = asyncio.ensure_future(self._send(cancel))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        generated = len(stream.token_ids)
+        decode_s = last_token_at - first_token_at
+        yield coordinator_pb2.GenerateChunk(
+            summary=coordinator_pb2.GenerateSummary(
+                finish_reason=finish_reason,
+                prompt_tokens=len(prompt),
+                generated_tokens=generated,
+                ttft_s=first_token_at - started,
+                decode_tok_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
+                token_ids=stream.token_ids,
+                text=stream.text,
+            )
+        )

@@ -1,0 +1,296 @@
+"""The ``pomona`` command line: up, generate, status, down, fetch, worker.
+
+``up`` starts the coordinator in the background (it launches the workers) and records it in
+``.pomona/cluster.json`` in the current directory; the other commands find the cluster there.
+Every failure prints one clear line and exits non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from pomona.config import load_cluster_config
+from pomona.errors import PomonaError
+from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
+
+STATE_DIR = Path(".pomona")
+UP_TIMEOUT_S = 1800.0
+STOP_TIMEOUT_S = 20.0
+
+
+class CliError(PomonaError):
+    pass
+
+
+# -- the running cluster's record --------------------------------------------------------------
+
+
+def _read_state(state_dir: Path) -> dict | None:
+    path = state_dir / "cluster.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if psutil.pid_exists(state.get("pid", -1)) else None
+
+
+def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
+    return coordinator_pb2_grpc.CoordinatorStub(
+        grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    )
+
+
+def _running_cluster(state_dir: Path) -> dict:
+    state = _read_state(state_dir)
+    if state is None:
+        raise CliError(
+            f"no cluster is running here (no live coordinator in {state_dir}/): "
+            "start one with `pomona up`"
+        )
+    return state
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in pids if psutil.pid_exists(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _stop_everything(state: dict, state_dir: Path) -> None:
+    """Ask the coordinator to stop; then make sure it and its workers are gone."""
+    try:
+        _stub(state["address"]).StopCluster(coordinator_pb2.StopClusterRequest(), timeout=5)
+    except grpc.RpcError:
+        pass
+    pids = [state["pid"], *state.get("worker_pids", {}).values()]
+    for pid in _wait_gone(pids, STOP_TIMEOUT_S):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_gone(pids, 5)
+    (state_dir / "cluster.json").unlink(missing_ok=True)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:.2f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
+    print(f"model: {status.model} ({status.architecture}, {status.num_layers} layers)")
+    print(f"{'node':<10} {'address':<22} {'layers':<12} {'weights':>10} {'rss':>10}  role")
+    for stage in status.stages:
+        role = "+".join(
+            r for r, on in (("embed", stage.is_first), ("head", stage.is_last)) if on
+        )
+        layers = f"[{stage.layer_start}, {stage.layer_end})"
+        print(
+            f"{stage.node:<10} {stage.address:<22} {layers:<12} "
+            f"{_size(stage.parameter_bytes):>10} {_size(stage.rss_bytes):>10}  {role}"
+        )
+
+
+def cmd_up(args) -> int:
+    config = load_cluster_config(args.file)
+    state_dir = args.state_dir
+    existing = _read_state(state_dir)
+    if existing is not None:
+        raise CliError(
+            f"a cluster is already running here (coordinator pid {existing['pid']}): "
+            "run `pomona down` first"
+        )
+    if config.model == "default":
+        from pomona.fetch import fetch_default_model
+
+        fetch_default_model(quiet=False)
+    from pomona.modelinfo import describe_model
+
+    describe_model(config.model)  # a bad model path fails here, before anything starts
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / "logs" / "coordinator.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "--config", str(config.path),
+             "--state-dir", str(state_dir.resolve())],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    stub = _stub(config.coordinator.address)
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    last_line = ""
+    status = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise CliError(f"the coordinator exited ({process.returncode}): {' | '.join(tail)}")
+        try:
+            status = stub.GetStatus(coordinator_pb2.ClusterStatusRequest(), timeout=2)
+        except grpc.RpcError:
+            time.sleep(0.3)
+            continue
+        line = status.message
+        if status.stages:
+            line += "  " + "  ".join(
+                f"{s.node}:{s.state}{f' {s.load_fraction:.0%}' if s.state == 'loading' else ''}"
+                for s in status.stages
+            )
+        if line != last_line:
+            print(f"  {line}", flush=True)
+            last_line = line
+        if status.state in ("ready", "failed"):
+            break
+        time.sleep(0.3)
+    if status is None or status.state != "ready":
+        reason = status.error if status is not None and status.error else "timed out"
+        _stop_everything({"pid": process.pid, "address": config.coordinator.address}, state_dir)
+        process.wait(timeout=5)
+        raise CliError(f"the cluster did not come up: {reason}")
+    print(f"cluster ready; coordinator at {config.coordinator.address}")
+    _print_placement(stub.GetStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    state = _running_cluster(args.state_dir)
+    sampling = worker_pb2.SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = coordinator_pb2.GenerateRequest(
+        prompt=args.prompt, raw=args.raw, max_tokens=args.max_tokens, sampling=sampling,
+        stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )
+    summary = None
+    for chunk in _stub(state["address"]).Generate(request):
+        if chunk.HasField("summary"):
+            summary = chunk.summary
+        elif not args.json:
+            print(chunk.text, end="", flush=True)
+    if args.json:
+        print(json.dumps({
+            "text": summary.text,
+            "token_ids": list(summary.token_ids),
+            "prompt_tokens": summary.prompt_tokens,
+            "generated_tokens": summary.generated_tokens,
+            "finish_reason": summary.finish_reason,
+            "ttft_s": round(summary.ttft_s, 6),
+            "decode_tok_s": round(summary.decode_tok_s, 3),
+        }))
+    else:
+        print()
+    return 0
+
+
+def cmd_status(args) -> int:
+    state = _running_cluster(args.state_dir)
+    status = _stub(state["address"]).GetStatus(
+        coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
+    )
+    print(f"state: {status.state}" + (f" ({status.error})" if status.error else ""))
+    print(f"active requests: {status.active_requests}")
+    _print_placement(status)
+    return 0
+
+
+def cmd_down(args) -> int:
+    state = _read_state(args.state_dir)
+    if state is None:
+        print("no cluster is running here")
+        (args.state_dir / "cluster.json").unlink(missing_ok=True)
+        return 0
+    _stop_everything(state, args.state_dir)
+    print("cluster stopped")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from pomona.fetch import fetch_default_model
+
+    print(fetch_default_model(quiet=False))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    os.execv(sys.executable, [sys.executable, "-m", "worker", "--host", args.host,
+                              "--port", str(args.port)])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pomona", description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the cluster described by a cluster.yaml")
+    up.add_argument("file", nargs="?", default="cluster.yaml")
+    up.set_defaults(run=cmd_up)
+
+    generate = commands.add_parser("generate", help="generate text for a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-tokens", type=int, default=0, help="default: cluster.yaml's")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    generate.add_argument("--raw", action="store_true", help="skip the chat template")
+    generate.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
+    generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    generate.set_defaults(run=cmd_generate)
+
+    status = commands.add_parser("status", help="show the cluster, its placement and memory")
+    status.set_defaults(run=cmd_status)
+    down = commands.add_parser("down", help="stop everything `up` started")
+    down.set_defaults(run=cmd_down)
+    fetch = commands.add_parser("fetch", help="download the default model into the cache")
+    fetch.set_defaults(run=cmd_fetch)
+    worker = commands.add_parser("worker", help="run a worker for a `launch: manual` node")
+    worker.add_argument("--host", default="0.0.0.0")
+    worker.add_argument("--port", type=int, required=True)
+    worker.set_defaults(run=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except PomonaError as error:
+        print(f"pomona: {error}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as error:
+        print(f"pomona: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

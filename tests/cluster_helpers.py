@@ -1,0 +1,153 @@
+"""Run a real Pomona cluster for a test: ``pomona up`` on loopback with ports chosen at run time,
+a gRPC client, and ``pomona down`` afterwards — asserting that no process outlives the test, even
+when the test fails."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import yaml
+
+from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
+
+POMONA = [sys.executable, "-m", "pomona.cli"]
+UP_TIMEOUT_S = 300
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def pomona(*args: str, cwd: Path, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*POMONA, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def write_cluster_yaml(
+    directory: Path,
+    model: str | Path,
+    node_count: int,
+    stages: Sequence[tuple[int, int]] | None = None,
+    **extra,
+) -> Path:
+    ports = free_ports(node_count + 1)
+    names = [chr(ord("a") + i) for i in range(node_count)]
+    config = {
+        "model": str(model),
+        "coordinator": {"host": "127.0.0.1", "port": ports[0]},
+        "nodes": [
+            {"name": name, "host": "127.0.0.1", "port": port}
+            for name, port in zip(names, ports[1:])
+        ],
+        **extra,
+    }
+    if stages is not None:
+        config["placement"] = {
+            "stages": [{"node": n, "layers": list(r)} for n, r in zip(names, stages)]
+        }
+    path = directory / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class ClusterClient:
+    directory: Path
+    stub: coordinator_pb2_grpc.CoordinatorStub
+    up_output: str
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 16,
+        raw: bool = False,
+        ignore_eos: bool = True,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        **sampling,
+    ) -> coordinator_pb2.GenerateSummary:
+        params = worker_pb2.SamplingParams(temperature=temperature, **sampling)
+        if seed is not None:
+            params.seed = seed
+        request = coordinator_pb2.GenerateRequest(
+            prompt=prompt, raw=raw, max_tokens=max_tokens, sampling=params,
+            ignore_eos=ignore_eos, stop=list(stop),
+        )
+        chunks = list(self.stub.Generate(request, timeout=600))
+        return chunks[-1].summary
+
+    def status(self) -> coordinator_pb2.ClusterStatus:
+        return self.stub.GetStatus(
+            coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
+        )
+
+
+def cluster_pids(directory: Path) -> list[int]:
+    try:
+        state = json.loads((directory / ".pomona" / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [state["pid"], *state.get("worker_pids", {}).values()]
+
+
+def assert_all_gone(pids: Sequence[int], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.1)
+    for pid in alive:  # never leave a process behind, even on failure
+        psutil.Process(pid).kill()
+    assert not alive, f"processes outlived `pomona down`: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextmanager
+def running_cluster(
+    directory: Path,
+    model: str | Path,
+    node_count: int,
+    stages: Sequence[tuple[int, int]] | None = None,
+    **extra,
+) -> Iterator[ClusterClient]:
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = write_cluster_yaml(directory, model, node_count, stages, **extra)
+    pids: list[int] = []
+    try:
+        up = pomona("up", str(config_path), cwd=directory)
+        pids = cluster_pids(directory)
+        assert up.returncode == 0, f"pomona up failed:\n{up.stdout}\n{up.stderr}"
+        address = yaml.safe_load(config_path.read_text())["coordinator"]
+        channel = grpc.insecure_channel(f"{address['host']}:{address['port']}")
+        with channel:
+            yield ClusterClient(directory, coordinator_pb2_grpc.CoordinatorStub(channel), up.stdout)
+    finally:
+        pids = pids or cluster_pids(directory)
+        pomona("down", cwd=directory, timeout_s=60)
+        assert_all_gone(pids)
