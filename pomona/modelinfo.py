@@ -1,0 +1,283 @@
+"""Describe a model (family, layer count, bytes per layer) from its files, without MLX.
+
+The coordinator plans placement before any worker loads weights, so it needs each layer's size
+without loading a tensor. For a GGUF file we scan the header (metadata and tensor table); for an
+MLX/Hugging Face checkpoint directory we read config.json and each safetensors file's JSON header.
+Both read a few MB at most, however large the model.
+
+Bytes are grouped the way stages hold them: `layer_bytes[i]` for transformer block i,
+`embed_bytes` for the token embedding (first stage), `head_bytes` for the final norm and the output
+projection (last stage). With tied embeddings the head *is* the embedding matrix, so `head_bytes`
+counts it again: a last stage that is not also the first needs its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pomona.errors import ModelError
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_CONTEXT_LENGTH = 4096
+
+# GGUF architecture names that differ from mlx-lm's model_type (the rest are the same).
+_GGUF_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepseek2": "deepseek_v2"}
+# Multimodal checkpoints (llama4) carry vision weights the text pipeline never loads.
+_IGNORED_PREFIXES = ("vision_model.", "vision_tower.", "multi_modal_projector.", "visual.")
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_FINAL_NORM_NAME = re.compile(r"(?:^|\.)norm\.(?:weight|bias)$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    format: str  # "gguf" or "mlx" (a checkpoint directory)
+    architecture: str  # mlx-lm model_type: "llama", "llama4", "mixtral", "qwen3_moe", ...
+    num_layers: int
+    context_length: int
+    layer_bytes: tuple[int, ...]  # one entry per transformer block
+    embed_bytes: int
+    head_bytes: int  # final norm + output projection (the embedding again when tied)
+    tied_embeddings: bool
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of the weights, each counted once (a tied embedding is one matrix)."""
+        shared = self.embed_bytes if self.tied_embeddings else 0
+        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes - shared
+
+
+def describe_model(source: str) -> ModelInfo:
+    """Describe "default" (the fetched SmolLM2 GGUF), a .gguf file or a checkpoint directory."""
+    if source == "default":
+        from pomona.fetch import default_model_path  # lazy: fetch pulls in download machinery
+
+        path = default_model_path()
+        if not path.is_file():
+            raise ModelError(
+                f"the default model is not downloaded yet (expected at {path}); run `pomona fetch`"
+            )
+        return _describe_gguf(path)
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise ModelError(f"model {source} does not exist; check the `model:` path in cluster.yaml")
+    if path.is_dir():
+        return _describe_checkpoint(path)
+    if _has_gguf_magic(path):
+        return _describe_gguf(path)
+    if path.suffix == ".gguf":
+        raise ModelError(f"model {path} is named .gguf but is not a GGUF file (wrong magic bytes)")
+    raise ModelError(
+        f"model {path} is not a GGUF file or a checkpoint directory "
+        "(a directory with config.json and *.safetensors)"
+    )
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == GGUF_MAGIC
+    except OSError as error:
+        raise ModelError(f"cannot read model {path}: {error}") from None
+
+
+# --- GGUF -------------------------------------------------------------------------------------
+
+# GGUF metadata value types (gguf.GGUFValueType) with fixed sizes, as struct formats.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+                 12: "d"}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """(scalar and string metadata, [(tensor name, bytes)]) of a little-endian GGUF v2/v3 file.
+
+    gguf.GGUFReader would do, but it materializes every metadata array (a 49k-entry vocabulary
+    takes it seconds); we skip arrays, which placement never needs.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: numpy import cost
+
+    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        offset = 0
+
+        def take(fmt: str) -> tuple[Any, ...]:
+            nonlocal offset
+            values = struct.unpack_from("<" + fmt, data, offset)
+            offset += struct.calcsize("<" + fmt)
+            return values
+
+        def take_string() -> str:
+            nonlocal offset
+            (length,) = take("Q")
+            offset += length
+            return data[offset - length : offset].decode("utf-8", errors="replace")
+
+        magic, version, tensor_count, kv_count = take("4sIQQ")
+        if magic != GGUF_MAGIC or version not in (2, 3):
+            raise ModelError(f"{path} is GGUF version {version}; only versions 2 and 3 are read")
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = take_string()
+            (value_type,) = take("I")
+            if value_type == _GGUF_STRING:
+                metadata[key] = take_string()
+            elif value_type in _GGUF_SCALARS:
+                (metadata[key],) = take(_GGUF_SCALARS[value_type])
+            elif value_type == _GGUF_ARRAY:
+                item_type, count = take("IQ")
+                if item_type == _GGUF_STRING:
+                    for _ in range(count):
+                        (length,) = take("Q")
+                        offset += length
+                else:
+                    offset += count * struct.calcsize("<" + _GGUF_SCALARS[item_type])
+            else:
+                raise ModelError(f"{path}: unknown GGUF metadata type {value_type} for {key}")
+        tensors = []
+        for _ in range(tensor_count):
+            name = take_string()
+            (dims,) = take("I")
+            shape = take(f"{dims}Q")
+            (tensor_type,) = take("I")
+            offset += 8  # data offset: not needed to size the tensor
+            elements = 1
+            for size in shape:
+                elements *= size
+            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+            tensors.append((name, elements // block_size * type_size))
+    return metadata, tensors
+
+
+def _describe_gguf(path: Path) -> ModelInfo:
+    try:
+        metadata, tensors = _read_gguf_header(path)
+    except (struct.error, KeyError, ValueError) as error:
+        raise ModelError(
+            f"{path} is not a readable GGUF file (truncated or corrupt: {error})"
+        ) from None
+    if int(metadata.get("split.count", 1)) > 1:
+        raise ModelError(
+            f"{path} is one part of a split GGUF; merge the parts into one file first "
+            "(llama.cpp's `llama-gguf-split --merge`)"
+        )
+    arch = metadata.get("general.architecture")
+    num_layers = metadata.get(f"{arch}.block_count")
+    if not isinstance(arch, str) or not isinstance(num_layers, int):
+        raise ModelError(f"{path}: GGUF metadata lacks general.architecture or block_count")
+    architecture = _GGUF_ARCHITECTURES.get(arch, arch)
+    if arch == "llama" and metadata.get("llama.expert_count", 0) > 0:
+        architecture = "mixtral"  # llama.cpp files Mixtral under the llama architecture
+    if arch == "deepseek2" and metadata.get("deepseek2.expert_gating_func") == 2:
+        architecture = "deepseek_v3"  # V3 gates experts with a sigmoid (2); V2 with softmax (1)
+
+    layer_bytes = [0] * num_layers
+    embed_bytes = head_bytes = 0
+    has_output = False
+    for name, size in tensors:
+        if name.startswith("blk."):
+            layer = int(name.split(".")[1])
+            if layer < num_layers:  # extra blocks (e.g. multi-token prediction) are never run
+                layer_bytes[layer] += size
+        elif name.startswith("token_embd"):
+            embed_bytes += size
+        elif name.startswith(("output_norm", "output.")):
+            head_bytes += size
+            has_output = has_output or name.startswith("output.")
+    tied = not has_output
+    if tied:
+        head_bytes += embed_bytes
+    return ModelInfo(
+        path=path,
+        format="gguf",
+        architecture=architecture,
+        num_layers=num_layers,
+        context_length=int(metadata.get(f"{arch}.context_length", DEFAULT_CONTEXT_LENGTH)),
+        layer_bytes=tuple(layer_bytes),
+        embed_bytes=embed_bytes,
+        head_bytes=head_bytes,
+        tied_embeddings=tied,
+    )
+
+
+# --- checkpoint directories (config.json + safetensors) ----------------------------------------
+
+
+def _safetensors_sizes(path: Path) -> dict[str, int]:
+    """Bytes per tensor from a safetensors header: u64 little-endian length, then JSON."""
+    try:
+        with path.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if not 0 < header_length <= min(path.stat().st_size - 8, 100 * 2**20):
+                raise ValueError(f"header length {header_length} is impossible")
+            header = json.loads(file.read(header_length))
+        return {
+            name: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise ModelError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def _describe_checkpoint(path: Path) -> ModelInfo:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{path} is not a model: no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{config_path} is not readable JSON ({error})") from None
+    # llama4 nests the language model's settings under text_config; keys there take precedence.
+    text = {**config, **(config.get("text_config") or {})}
+    architecture = config.get("model_type")
+    num_layers = text.get("num_hidden_layers")
+    if not isinstance(architecture, str) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ModelError(f"{config_path} lacks model_type or a positive num_hidden_layers")
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} has config.json but no *.safetensors weights")
+    layer_bytes = [0] * num_layers
+    embed_bytes = head_bytes = lm_head_bytes = 0
+    for file in files:
+        for name, size in _safetensors_sizes(file).items():
+            if name.startswith(_IGNORED_PREFIXES):
+                continue
+            layer = _LAYER_NAME.search(name)
+            if layer:
+                if int(layer.group(1)) < num_layers:  # extra (MTP) layers are dropped by mlx-lm
+                    layer_bytes[int(layer.group(1))] += size
+            elif "embed_tokens" in name:
+                embed_bytes += size
+            elif "lm_head" in name:
+                lm_head_bytes += size
+            elif _FINAL_NORM_NAME.search(name):
+                head_bytes += size
+    empty = [index for index, size in enumerate(layer_bytes) if size == 0]
+    if empty:
+        raise ModelError(
+            f"{config_path} says {num_layers} layers but the safetensors hold no weights for "
+            f"layer {empty[0]}; the checkpoint is incomplete"
+        )
+    # mlx-lm's llama defaults tie_word_embeddings to True; the other families to False. A
+    # checkpoint without lm_head can only work tied; with tying on, mlx-lm drops any lm_head.
+    tie_setting = text.get("tie_word_embeddings", architecture == "llama")
+    tied = lm_head_bytes == 0 or bool(tie_setting)
+    head_bytes += embed_bytes if tied else lm_head_bytes
+    return ModelInfo(
+        path=path,
+        format="mlx",
+        architecture=architecture,
+        num_layers=num_layers,
+        context_length=int(text.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH),
+        layer_bytes=tuple(layer_bytes),
+        embed_bytes=embed_bytes,
+        head_bytes=head_bytes,
+        tied_embeddings=tied,
+    )
