@@ -22,6 +22,7 @@ import psutil
 from pomona.config import load_cluster_config
 from pomona.errors import PomonaError
 from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.placement import format_bytes, validate_stages
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 STATE_DIR = Path(".pomona")
@@ -96,12 +97,6 @@ def _stop_everything(state: dict, state_dir: Path) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 
-def _size(num_bytes: int) -> str:
-    if num_bytes >= 2**30:
-        return f"{num_bytes / 2**30:.2f} GiB"
-    return f"{num_bytes / 2**20:.1f} MiB"
-
-
 def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
     print(f"model: {status.model} ({status.architecture}, {status.num_layers} layers)")
     print(f"{'node':<10} {'address':<22} {'layers':<12} {'weights':>10} {'rss':>10}  role")
@@ -112,7 +107,7 @@ def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
         layers = f"[{stage.layer_start}, {stage.layer_end})"
         print(
             f"{stage.node:<10} {stage.address:<22} {layers:<12} "
-            f"{_size(stage.parameter_bytes):>10} {_size(stage.rss_bytes):>10}  {role}"
+            f"{format_bytes(stage.parameter_bytes):>10} {format_bytes(stage.rss_bytes):>10}  {role}"
         )
 
 
@@ -131,7 +126,10 @@ def cmd_up(args) -> int:
         fetch_default_model(quiet=False)
     from pomona.modelinfo import describe_model
 
-    describe_model(config.model)  # a bad model path fails here, before anything starts
+    # A bad model path or stage list fails here, before anything starts.
+    model = describe_model(config.model)
+    if config.stages:
+        validate_stages(config.stages, model.num_layers)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "logs" / "coordinator.log"
     with open(log_path, "ab") as log:

@@ -70,8 +70,11 @@ class Placement:
         raise KeyError(node)
 
 
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / GIB:.2f} GiB"
+def format_bytes(num_bytes: float) -> str:
+    """Bytes for people: GiB for big amounts, MiB below one GiB."""
+    if num_bytes >= GIB:
+        return f"{num_bytes / GIB:.2f} GiB"
+    return f"{num_bytes / 2**20:.1f} MiB"
 
 
 def shard_bytes(model: ModelInfo, layers: LayerRange, is_first: bool, is_last: bool) -> int:
@@ -215,15 +218,15 @@ def check_fit(model: ModelInfo, placement: Placement, capacities_by_node: dict[s
         if size > available:
             layers = ", ".join(str(s.layers) for s in placement.stages if s.node == node)
             problems.append(
-                f"node {node!r} needs {_gib(size)} for layers {layers} but has {_gib(available)}"
+                f"node {node!r} needs {format_bytes(size)} for layers {layers} but has {format_bytes(available)}"
             )
     if problems:
         total_available = sum(capacities_by_node[node] for node in needed)
         raise PlacementError(
             "the model does not fit: "
             + "; ".join(problems)
-            + f" (the weights total {_gib(sum(needed.values()))} across these nodes, which have "
-            f"{_gib(total_available)} together). Add nodes, set `memory_gb` in cluster.yaml if a "
+            + f" (the weights total {format_bytes(sum(needed.values()))} across these nodes, which have "
+            f"{format_bytes(total_available)} together). Add nodes, set `memory_gb` in cluster.yaml if a "
             "measurement is wrong, move layers between stages, or use a smaller or more "
             "quantized model."
         )
