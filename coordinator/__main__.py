@@ -19,7 +19,7 @@ import grpc
 
 from pomona.config import load_cluster_config
 from pomona.errors import PomonaError
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import SERVER_OPTIONS
 from pomona.proto import coordinator_pb2_grpc
 
 from .cluster import Cluster
@@ -57,10 +57,14 @@ async def run(config_path: Path, state_dir: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster, stop), server)
     address = config.coordinator.address
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if bound == 0:
         print(f"pomona coordinator: cannot listen on {address} (is the port in use?)", file=sys.stderr)
         return 2
     await server.start()

@@ -217,9 +217,8 @@ def check_fit(model: ModelInfo, placement: Placement, capacities_by_node: dict[s
         available = capacities_by_node[node]
         if size > available:
             layers = ", ".join(str(s.layers) for s in placement.stages if s.node == node)
-            problems.append(
-                f"node {node!r} needs {format_bytes(size)} for layers {layers} but has {format_bytes(available)}"
-            )
+            needs = f"needs {format_bytes(size)} for layers {layers}"
+            problems.append(f"node {node!r} {needs} but has {format_bytes(available)}")
     if problems:
         total_available = sum(capacities_by_node[node] for node in needed)
         raise PlacementError(

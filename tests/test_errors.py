@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
 
 def _node(name: str, port: str) -> str:
     """A node entry for a template (braces doubled for str.format; the port is filled later)."""
-    return "{{name: %s, host: 127.0.0.1, port: {%s}}}" % (name, port)
+    return "{{name: " + name + ", host: 127.0.0.1, port: {" + port + "}}}"
 
 # (id, yaml template, expected message part). {model}, {p0}.. {p3} are filled in per test.
 CASES = [

@@ -16,7 +16,7 @@ import psutil
 
 from pomona import __version__
 from pomona.errors import PomonaError
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import SERVER_OPTIONS
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
 from .engine import StageEngine
@@ -127,6 +127,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.engine.submit(message)
         return worker_pb2.ForwardReply()
 
+    def Ping(self, request_iterator, context):
+        yield from request_iterator
+
     def Results(self, request, context):
         subscriber = self.engine.results.subscribe()
         try:
@@ -142,10 +145,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 def serve(host: str, port: int) -> tuple[grpc.Server, threading.Event]:
     """Start a worker server; returns it and an event set when it should stop."""
     stopped = threading.Event()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
     service = WorkerService(stop_server=stopped.set)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
+    if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
     server.start()
     return server, stopped

@@ -194,6 +194,12 @@ class ResultsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PingMessage(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_id", "finish_reason", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

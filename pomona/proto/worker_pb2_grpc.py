@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.Ping = channel.stream_stream(
+                '/pomona.v1.Worker/Ping',
+                request_serializer=pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -124,6 +129,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ping(self, request_iterator, context):
+        """Echo every message back on the same stream: round-trip time and bandwidth of a link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +173,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.FromString,
                     response_serializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.SerializeToString,
+            ),
+            'Ping': grpc.stream_stream_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +369,33 @@ class Worker:
             '/pomona.v1.Worker/Results',
             pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
             pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pomona.v1.Worker/Ping',
+            pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
+            pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
             options,
             channel_credentials,
             insecure,

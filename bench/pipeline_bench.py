@@ -1,0 +1,170 @@
+"""Pipeline benchmark: single-process mlx-lm against 1-, 2- and 3-stage Pomona clusters on loopback,
+in one run, on the real default model (SmolLM2-135M, compute-bound here) and on a tiny model whose
+compute is small enough that transport shows.
+
+Prints prefill and decode tok/s, ratios to single-process, the per-token transport overhead next to
+(hops per token x raw gRPC stream round trip) measured in the same run, and the throughput of two
+concurrent requests on two stages.
+
+    .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from cluster_helpers import running_cluster  # noqa: E402
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+from pomona.fetch import fetch_default_model  # noqa: E402
+from pomona.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
+from pomona.tokenizer import load_tokenizer  # noqa: E402
+from worker.gguf_loader import build_model, load_gguf  # noqa: E402
+
+PROMPT = (
+    "Explain in a few sentences why splitting a language model across several computers "
+    "can let it run when it does not fit in the memory of one of them, and what it costs."
+)
+LAYOUTS = {
+    "smollm2": {1: [(0, 30)], 2: [(0, 15), (15, 30)], 3: [(0, 11), (11, 21), (21, 30)]},
+    "tiny": {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]},
+}
+
+
+def single_process(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of mlx-lm's own generate_step."""
+
+    def run(count: int) -> tuple[float, float]:
+        started = time.perf_counter()
+        steps = generate_step(mx.array(prompt_ids), model, sampler=lambda x: mx.argmax(x, -1))
+        next(steps)
+        first = time.perf_counter()
+        for _ in range(count - 1):
+            next(steps)
+        done = time.perf_counter()
+        return len(prompt_ids) / (first - started), (count - 1) / (done - first)
+
+    run(4)  # warm-up
+    return run(new_tokens)
+
+
+def stream_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
+    """Median round trip of one message on a persistent bidirectional gRPC stream."""
+    channel = grpc.insecure_channel(address)
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    outbox: list = []
+    ready = threading.Condition()
+
+    def messages():
+        for _ in range(count):
+            with ready:
+                ready.wait_for(lambda: outbox)
+                outbox.pop()
+            yield worker_pb2.PingMessage(payload=b"x" * payload_bytes)
+
+    times = []
+    with ready:
+        outbox.append(1)
+        ready.notify()
+    sent = time.perf_counter()
+    for _ in stub.Ping(messages()):
+        now = time.perf_counter()
+        times.append(now - sent)
+        sent = now
+        with ready:
+            outbox.append(1)
+            ready.notify()
+    channel.close()
+    return statistics.median(times[20:])
+
+
+def cluster_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, wall s) of one request."""
+    started = time.perf_counter()
+    summary = cluster.generate(prompt, raw=raw, max_tokens=new_tokens, ignore_eos=True)
+    wall = time.perf_counter() - started
+    return summary.prompt_tokens / summary.ttft_s, summary.decode_tok_s, wall
+
+
+def concurrent_ratio(cluster, prompt: str, raw: bool, new_tokens: int) -> float:
+    """Throughput of two concurrent requests over one request's (tokens / wall time)."""
+    _, _, one = cluster_run(cluster, prompt, raw, new_tokens)
+    results: list[float] = []
+
+    def request():
+        results.append(cluster_run(cluster, prompt, raw, new_tokens)[2])
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    both = time.perf_counter() - started
+    return (2 * new_tokens / both) / (new_tokens / one)
+
+
+def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int, work: Path):
+    tokenizer = load_tokenizer(Path(path) if path != "default" else fetch_default_model(True))
+    prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat(
+        [{"role": "user", "content": prompt}]
+    )
+    sp_prefill, sp_decode = single_process(model, prompt_ids, new_tokens)
+    print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens ==")
+    print(f"{'setup':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}"
+          f"{'decode x':>10}{'overhead/token':>16}{'hops x RTT':>12}{'ratio':>7}")
+    print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
+    rtt = None
+    for stages, layout in LAYOUTS[name].items():
+        with running_cluster(work / f"{name}-{stages}", path, stages, layout) as cluster:
+            if rtt is None:
+                address = cluster.status().stages[0].address
+                rtt = stream_round_trip_s(address, 4 * 576)
+            cluster_run(cluster, prompt, raw, 4)  # warm-up
+            prefill, decode, _ = cluster_run(cluster, prompt, raw, new_tokens)
+            overhead_s = 1 / decode - 1 / sp_decode
+            budget_s = stages * rtt if stages > 1 else 0.0
+            ratio = f"{overhead_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
+            print(f"{f'pomona {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
+                  f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
+                  f"{overhead_s * 1e3:>13.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
+            if stages == 2:
+                concurrency = concurrent_ratio(cluster, prompt, raw, new_tokens)
+    print(f"raw gRPC stream round trip (2.3 KB, loopback): {rtt * 1e6:.0f} us")
+    print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--models", default="smollm2,tiny")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="pomona-bench-") as tmp:
+        work = Path(tmp)
+        for name in args.models.split(","):
+            if name == "smollm2":
+                model = build_model(load_gguf(fetch_default_model(True)))
+                bench_model(name, "default", model, False, PROMPT, args.new_tokens, work)
+            elif name == "tiny":
+                path = make_tiny_checkpoint("llama", work / "tiny-llama")
+                model, _ = load_model(path)
+                bench_model(name, path, model, True, PROMPT, args.new_tokens * 4, work)
+            else:
+                raise SystemExit(f"unknown model {name!r} (smollm2, tiny)")
+            del model
+
+
+if __name__ == "__main__":
+    main()
