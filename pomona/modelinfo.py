@@ -14,16 +14,13 @@ counts it again: a last stage that is not also the first needs its own copy.
 from __future__ import annotations
 
 import json
-import mmap
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pomona.errors import ModelError
+from pomona.gguf_header import GGUF_MAGIC, read_gguf_header
 
-GGUF_MAGIC = b"GGUF"
 DEFAULT_CONTEXT_LENGTH = 4096
 
 # GGUF architecture names that differ from mlx-lm's model_type (the rest are the same).
@@ -87,80 +84,12 @@ def _has_gguf_magic(path: Path) -> bool:
         raise ModelError(f"cannot read model {path}: {error}") from None
 
 
-# --- GGUF -------------------------------------------------------------------------------------
-
-# GGUF metadata value types (gguf.GGUFValueType) with fixed sizes, as struct formats.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-                 12: "d"}  # fmt: skip
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    """(scalar and string metadata, [(tensor name, bytes)]) of a little-endian GGUF v2/v3 file.
-
-    gguf.GGUFReader would do, but it materializes every metadata array (a 49k-entry vocabulary
-    takes it seconds); we skip arrays, which placement never needs.
-    """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: numpy import cost
-
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        offset = 0
-
-        def take(fmt: str) -> tuple[Any, ...]:
-            nonlocal offset
-            values = struct.unpack_from("<" + fmt, data, offset)
-            offset += struct.calcsize("<" + fmt)
-            return values
-
-        def take_string() -> str:
-            nonlocal offset
-            (length,) = take("Q")
-            offset += length
-            return data[offset - length : offset].decode("utf-8", errors="replace")
-
-        magic, version, tensor_count, kv_count = take("4sIQQ")
-        if magic != GGUF_MAGIC or version not in (2, 3):
-            raise ModelError(f"{path} is GGUF version {version}; only versions 2 and 3 are read")
-        metadata: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = take_string()
-            (value_type,) = take("I")
-            if value_type == _GGUF_STRING:
-                metadata[key] = take_string()
-            elif value_type in _GGUF_SCALARS:
-                (metadata[key],) = take(_GGUF_SCALARS[value_type])
-            elif value_type == _GGUF_ARRAY:
-                item_type, count = take("IQ")
-                if item_type == _GGUF_STRING:
-                    for _ in range(count):
-                        (length,) = take("Q")
-                        offset += length
-                else:
-                    offset += count * struct.calcsize("<" + _GGUF_SCALARS[item_type])
-            else:
-                raise ModelError(f"{path}: unknown GGUF metadata type {value_type} for {key}")
-        tensors = []
-        for _ in range(tensor_count):
-            name = take_string()
-            (dims,) = take("I")
-            shape = take(f"{dims}Q")
-            (tensor_type,) = take("I")
-            offset += 8  # data offset: not needed to size the tensor
-            elements = 1
-            for size in shape:
-                elements *= size
-            block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
-            tensors.append((name, elements // block_size * type_size))
-    return metadata, tensors
+# --- GGUF ---------------------------------------------------------------------------------------
 
 
 def _describe_gguf(path: Path) -> ModelInfo:
-    try:
-        metadata, tensors = _read_gguf_header(path)
-    except (struct.error, KeyError, ValueError) as error:
-        raise ModelError(
-            f"{path} is not a readable GGUF file (truncated or corrupt: {error})"
-        ) from None
+    header = read_gguf_header(path, skip_arrays=True)  # arrays: the vocabulary, not needed here
+    metadata, tensors = header.metadata, header.tensor_bytes
     if int(metadata.get("split.count", 1)) > 1:
         raise ModelError(
             f"{path} is one part of a split GGUF; merge the parts into one file first "

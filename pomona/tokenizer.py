@@ -16,8 +16,6 @@ prompt tokenizes to the same ids as ``tokenizer.apply_chat_template(..., tokeniz
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -31,6 +29,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from pomona.errors import ModelError
+from pomona.gguf_header import read_gguf_header
 
 # Used when a model ships no chat template. ChatML is what most instruction-tuned open models
 # (SmolLM2, Qwen) were trained on; for any other model the output will be plausible but worse.
@@ -189,7 +188,7 @@ def load_tokenizer(model_path: Path) -> Tokenizer:
     if model_path.is_dir():
         return _tokenizer_from_directory(model_path)
     if model_path.is_file():
-        return tokenizer_from_gguf_metadata(read_gguf_metadata(model_path))
+        return tokenizer_from_gguf_metadata(read_gguf_header(model_path).metadata)
     raise ModelError(f"no model at {model_path}")
 
 
@@ -326,63 +325,3 @@ def _as_id_list(value: Any) -> list[int]:
     if isinstance(value, list):
         return [int(v) for v in value]
     return [int(value)]
-
-
-# GGUF value types (gguf.GGUFValueType) -> struct format of one scalar; 8 is STRING, 9 is ARRAY.
-_GGUF_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
-                        10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (v2 or v3), without reading tensor data.
-
-    Our own reader because ``gguf.GGUFReader`` also parses every tensor header and takes ~4 s on
-    SmolLM2's file, and ``mx.load`` would pull MLX into the coordinator; this takes ~0.1 s.
-    Arrays come back as lists, strings as str, scalars as Python numbers/bools.
-    """
-    try:
-        with open(path, "rb") as handle:
-            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        with data:
-            if data[:4] != b"GGUF":
-                raise ModelError(f"{path} is not a GGUF file")
-            version, _tensor_count, kv_count = struct.unpack_from("<IQQ", data, 4)
-            if version < 2:
-                raise ModelError(f"{path}: GGUF version {version} is too old (need 2 or newer)")
-            offset = 24
-            metadata: dict[str, Any] = {}
-            for _ in range(kv_count):
-                key, offset = _read_gguf_string(data, offset)
-                (value_type,) = struct.unpack_from("<I", data, offset)
-                metadata[key], offset = _read_gguf_value(data, offset + 4, value_type)
-            return metadata
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as error:
-        raise ModelError(f"cannot read GGUF metadata from {path}: {error}") from error
-
-
-def _read_gguf_string(data: mmap.mmap, offset: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", data, offset)
-    start = offset + 8
-    return data[start:start + length].decode("utf-8"), start + length
-
-
-def _read_gguf_value(data: mmap.mmap, offset: int, value_type: int) -> tuple[Any, int]:
-    if value_type == _GGUF_STRING:
-        return _read_gguf_string(data, offset)
-    if value_type == _GGUF_ARRAY:
-        element_type, count = struct.unpack_from("<IQ", data, offset)
-        offset += 12
-        if element_type in _GGUF_SCALAR_FORMATS:  # one unpack for the whole array: fast
-            fmt = f"<{count}{_GGUF_SCALAR_FORMATS[element_type]}"
-            return list(struct.unpack_from(fmt, data, offset)), offset + struct.calcsize(fmt)
-        values = []
-        for _ in range(count):
-            value, offset = _read_gguf_value(data, offset, element_type)
-            values.append(value)
-        return values, offset
-    fmt = _GGUF_SCALAR_FORMATS.get(value_type)
-    if fmt is None:
-        raise ValueError(f"unknown GGUF value type {value_type}")
-    (value,) = struct.unpack_from("<" + fmt, data, offset)
-    return value, offset + struct.calcsize("<" + fmt)

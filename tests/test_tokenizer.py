@@ -11,7 +11,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pomona.errors import ModelError
-from pomona.tokenizer import CHATML_TEMPLATE, load_tokenizer, read_gguf_metadata
+from pomona.gguf_header import read_gguf_header
+from pomona.tokenizer import CHATML_TEMPLATE, load_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -153,7 +154,7 @@ def test_gguf_byte_level_matches_tokenizer_json(
     tmp_path: Path, backend: tokenizers.Tokenizer
 ) -> None:
     path = _write_gguf(tmp_path / "tiny.gguf", backend, "gpt2", "gpt-2")
-    assert read_gguf_metadata(path)["tokenizer.ggml.pre"] == "gpt-2"
+    assert read_gguf_header(path).metadata["tokenizer.ggml.pre"] == "gpt-2"
     tokenizer = load_tokenizer(path)
     vocab = backend.get_vocab()
     assert tokenizer.eos_token_ids == (vocab["<|im_end|>"], vocab["<|endoftext|>"])
