@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import psutil
 import pytest
 from cluster_helpers import running_cluster
 from layouts import LAYOUTS, PROMPT
@@ -84,8 +85,14 @@ def test_stop_string_cancels_and_frees(checkpoints, tmp_path):
     path = checkpoints["llama"]
     prompt_ids = load_tokenizer(path).encode(PROMPT)
     full_text = load_tokenizer(path).decode(reference_generate(path, prompt_ids, 24))
-    stop = full_text[len(full_text) // 2 : len(full_text) // 2 + 2]
-    assert stop.strip(), "the reference text is too short to pick a stop string"
+    # A stop string from the middle of the text: printable, and first seen where we cut.
+    stop = next(
+        window
+        for i in range(len(full_text) // 2, len(full_text) - 2)
+        if (window := full_text[i : i + 2]).isprintable()
+        and not window.isspace()
+        and full_text.find(window) > 0
+    )
     with running_cluster(tmp_path, path, 2, LAYOUTS["llama"][2]) as cluster:
         summary = cluster.generate(PROMPT, raw=True, max_tokens=24, stop=[stop])
         assert summary.finish_reason == "stop"
@@ -97,3 +104,23 @@ def test_stop_string_cancels_and_frees(checkpoints, tmp_path):
                 break
             __import__("time").sleep(0.1)
         assert all(s.active_requests == 0 for s in cluster.status().stages)
+
+
+def test_no_process_outlives_a_failing_test(checkpoints, tmp_path):
+    """`running_cluster` tears everything down even when the test body raises."""
+    from cluster_helpers import cluster_pids
+
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="test body failed"):
+        with running_cluster(tmp_path, checkpoints["llama"], 2, LAYOUTS["llama"][2]):
+            seen.extend(cluster_pids(tmp_path))
+            raise RuntimeError("test body failed")
+    assert len(seen) == 3  # coordinator and two workers were running
+    assert not [pid for pid in seen if psutil.pid_exists(pid) and _not_zombie(pid)]
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
