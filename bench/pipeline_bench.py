@@ -89,20 +89,21 @@ def cluster_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float
 
 
 def concurrent_ratio(cluster, prompt: str, raw: bool, new_tokens: int) -> float:
-    """Throughput of two concurrent requests over one request's (tokens / wall time)."""
-    _, _, one = cluster_run(cluster, prompt, raw, new_tokens)
-    results: list[float] = []
-
-    def request():
-        results.append(cluster_run(cluster, prompt, raw, new_tokens)[2])
-
-    threads = [threading.Thread(target=request) for _ in range(2)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    both = time.perf_counter() - started
+    """Throughput of two concurrent requests over one request's (tokens / wall time), each the
+    best of REPEATS runs."""
+    one = min(cluster_run(cluster, prompt, raw, new_tokens)[2] for _ in range(REPEATS))
+    both = float("inf")
+    for _ in range(REPEATS):
+        threads = [
+            threading.Thread(target=cluster_run, args=(cluster, prompt, raw, new_tokens))
+            for _ in range(2)
+        ]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        both = min(both, time.perf_counter() - started)
     return (2 * new_tokens / both) / (new_tokens / one)
 
 
@@ -136,16 +137,20 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
     print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens, "
           f"best of {REPEATS} ==")
     print(f"{'setup':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}"
-          f"{'decode x':>10}{'overhead/token':>16}{'hops x RTT':>12}{'ratio':>7}")
+          f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'hops x RTT':>12}{'ratio':>7}")
     print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
+    one_stage_s = 1 / best[1][1]
     for stages in LAYOUTS[name]:
         prefill, decode = best[stages]
+        # Per token: extra time over single-process mlx-lm, and the part of it that the network
+        # adds (over Pomona's own 1-stage cluster, which runs the same engine with no hop).
         overhead_s = 1 / decode - 1 / sp_decode
+        transport_s = 1 / decode - one_stage_s
         budget_s = stages * rtt if stages > 1 else 0.0
-        ratio = f"{overhead_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
+        ratio = f"{transport_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
         print(f"{f'pomona {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
               f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
-              f"{overhead_s * 1e3:>13.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
+              f"{overhead_s * 1e3:>9.2f} ms{transport_s * 1e3:>9.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
     print(f"raw gRPC stream round trip (2.3 KB, grpc.aio, loopback): {rtt * 1e6:.0f} us; "
           "hops per token = stages (a ring)")
     print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
