@@ -6,6 +6,12 @@ the CLI can print it as-is. Whether the model exists is checked later by `pomona
 whether the stages cover the model's layers by `pomona.placement` (both need the model).
 
 Units: `memory_gb` is GiB (2**30 bytes), the unit placement error messages use.
+
+Ranges are half-open, like Python's `range`: `layers: [0, 12]` is layers 0 to 11. In
+`placement.experts`, `experts:` is either a two-number list, the half-open range `[START, END]`
+(`[0, 8]` is experts 0 to 7), or a mapping `{ids: [3, 7, 9]}` listing expert ids one by one; so
+`[3, 7]` means experts 3 to 6, and two single experts are written `{ids: [3, 7]}`. Whether the
+ids and layers exist in the model is checked by `pomona.placement.validate_experts`.
 """
 
 from __future__ import annotations
@@ -13,14 +19,12 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import sys
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
+from typing import Any
 
 from pomona.errors import ConfigError
+from pomona.yaml_reader import LineList, LineMap, Reader, compose, is_int, kind
 
 DEFAULT_MODEL = "default"
 DEFAULT_COORDINATOR = ("127.0.0.1", 50050)
@@ -78,6 +82,16 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """An expert group from cluster.yaml: `node` holds these routed experts of the MoE layers in
+    [layers[0], layers[1]). `experts` are ids, sorted, each once."""
+
+    node: str
+    layers: tuple[int, int]
+    experts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class GenerationDefaults:
     max_tokens: int = 256
     prefill_chunk_tokens: int = 256
@@ -91,145 +105,13 @@ class ClusterConfig:
     nodes: tuple[NodeConfig, ...]
     stages: tuple[StageSpec, ...] | None  # None: placement is automatic
     generation: GenerationDefaults
+    experts: tuple[ExpertSpec, ...] = ()  # empty: every expert stays on its layer's stage node
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
             if node.name == name:
                 return node
         raise KeyError(name)
-
-
-# --- YAML with line numbers -------------------------------------------------------------------
-# PyYAML's plain loader forgets where things were; we compose the node tree ourselves so every
-# value keeps its line, and so duplicate keys (which PyYAML silently collapses) can be reported.
-
-
-class _Map(dict):
-    line: int
-    key_lines: dict[Any, int]
-
-
-class _Seq(list):
-    item_lines: list[int]
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
-
-
-class _Reader:
-    """Validation helpers that all raise ConfigError mentioning the file, line and field path."""
-
-    def __init__(self, shown_path: str) -> None:
-        self.shown_path = shown_path
-
-    def fail(self, path: str, line: int | None, problem: str) -> NoReturn:
-        where = self.shown_path if line is None else f"{self.shown_path}, line {line}"
-        raise ConfigError(f"{where}: {path}: {problem}" if path else f"{where}: {problem}")
-
-    def bad(self, parent: _Map, key: Any, path: str, problem: str) -> NoReturn:
-        """Fail at `parent[key]`, a value of the mapping at `path`."""
-        self.fail(_join(path, key), parent.key_lines[key], problem)
-
-    def convert(self, loader: yaml.SafeLoader, node: yaml.Node, path: str) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
-            result = _Map()
-            result.line, result.key_lines = _line(node), {}
-            for key_node, value_node in node.value:
-                key = self.convert(loader, key_node, path)
-                if not isinstance(key, str | int | float | bool):
-                    self.fail(path, _line(key_node), "keys must be plain names")
-                child = _join(path, key)
-                if key in result:
-                    first = result.key_lines[key]
-                    self.fail(
-                        child, _line(key_node), f"duplicate key (first given on line {first})"
-                    )
-                result[key] = self.convert(loader, value_node, child)
-                result.key_lines[key] = _line(key_node)
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            items = _Seq()
-            items.item_lines = []
-            for index, item in enumerate(node.value):
-                items.append(self.convert(loader, item, f"{path}[{index}]"))
-                items.item_lines.append(_line(item))
-            return items
-        try:
-            return loader.construct_object(node)
-        except yaml.YAMLError as error:
-            self.fail(path, _line(node), f"cannot read this value: {error}")
-
-    def keys(
-        self, value: _Map, path: str, allowed: Collection[str], required: Collection[str] = ()
-    ) -> None:
-        for key in value:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
-                hint = (
-                    f"did you mean '{close[0]}'?"
-                    if close
-                    else "valid keys here: " + ", ".join(allowed)
-                )
-                self.fail(_join(path, key), value.key_lines[key], f"unknown key; {hint}")
-        for key in required:
-            if key not in value:
-                self.fail(path, value.line, f"missing required key '{key}'")
-
-    def mapping(self, value: Any, path: str, line: int | None) -> _Map:
-        if not isinstance(value, _Map):
-            self.fail(path, line, f"must be a mapping of `key: value` lines, not {_kind(value)}")
-        return value
-
-    def block(self, parent: _Map, key: str, path: str) -> _Map:
-        return self.mapping(parent[key], _join(path, key), parent.key_lines[key])
-
-    def string(self, parent: _Map, key: str, path: str, default: Any = None) -> Any:
-        if key not in parent:
-            return default
-        value = parent[key]
-        if not isinstance(value, str) or not value.strip():
-            self.bad(parent, key, path, f"must be a non-empty string, not {_kind(value)}")
-        return value
-
-    def integer(
-        self, parent: _Map, key: str, path: str, default: Any, low: int, high: int | None = None
-    ) -> Any:
-        if key not in parent:
-            return default
-        value = parent[key]
-        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        if not _is_int(value) or value < low or (high is not None and value > high):
-            is_quoted_number = isinstance(value, str) and value.strip().isdigit()
-            hint = "; remove the quotes" if is_quoted_number else ""
-            self.bad(parent, key, path, f"must be a whole number {span}, not {_kind(value)}{hint}")
-        return value
-
-    def port(self, parent: _Map, key: str, path: str, default: Any = None) -> Any:
-        return self.integer(parent, key, path, default, 1, 65535)
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # YAML `yes` is a bool
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "empty (null)"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, _Map):
-        return "a mapping"
-    if isinstance(value, _Seq):
-        return f"the list {list(value)!r}"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    return repr(value)
 
 
 def is_loopback(host: str) -> bool:
@@ -264,43 +146,15 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
         raise ConfigError(
             f"{shown}: cannot read the file ({error}); check it is a readable text file"
         ) from None
-    reader = _Reader(shown)
-    root, line = _compose(reader, text)
-    if not isinstance(root, _Map):
-        problem = f"the top level must be a mapping (`model:`, `nodes:`, ...), not {_kind(root)}"
+    reader = Reader(shown)
+    root, line = compose(reader, text)
+    if not isinstance(root, LineMap):
+        problem = f"the top level must be a mapping (`model:`, `nodes:`, ...), not {kind(root)}"
         reader.fail("", line, problem)
     return _parse_root(reader, root, file.resolve())
 
 
-def _compose(reader: _Reader, text: str) -> tuple[Any, int]:
-    """The document as _Map/_Seq/scalars, and the line where it starts."""
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)  # rejects control characters already
-        root_node = loader.get_single_node()
-        if root_node is None:
-            reader.fail("", None, "the file is empty; it needs at least a `nodes:` list")
-        return reader.convert(loader, root_node, ""), _line(root_node)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        problem = error.problem or "syntax error"
-        if error.context:  # "expected a single document..." reads first; "while parsing..." after
-            expected = error.context.startswith("expected")
-            started = (
-                f" started on line {error.context_mark.line + 1}" if error.context_mark else ""
-            )
-            context = f"{error.context}{started}"
-            problem = f"{error.context} {problem}" if expected else f"{problem} ({context})"
-        hint = "; check indentation and quoting around this line"
-        reader.fail("", mark.line + 1 if mark else None, f"not valid YAML: {problem}{hint}")
-    except yaml.YAMLError as error:
-        reader.fail("", None, f"not valid YAML: {error}")
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _parse_root(reader: _Reader, root: _Map, file: Path) -> ClusterConfig:
+def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     reader.keys(root, "", _TOP_KEYS, required=("nodes",))
     model = reader.string(root, "model", "", DEFAULT_MODEL)
     if model != DEFAULT_MODEL:
@@ -317,8 +171,8 @@ def _parse_root(reader: _Reader, root: _Map, file: Path) -> ClusterConfig:
         )
 
     nodes_value = root["nodes"]
-    if not isinstance(nodes_value, _Seq):
-        problem = f"must be a list of nodes (`- name: ...` entries), not {_kind(nodes_value)}"
+    if not isinstance(nodes_value, LineList):
+        problem = f"must be a list of nodes (`- name: ...` entries), not {kind(nodes_value)}"
         reader.bad(root, "nodes", "", problem)
     if not nodes_value:
         reader.bad(root, "nodes", "", "the list is empty; add at least one node")
@@ -328,9 +182,9 @@ def _parse_root(reader: _Reader, root: _Map, file: Path) -> ClusterConfig:
     )
     _check_unique(reader, nodes, nodes_value, coordinator)
 
-    stages = None
+    stages, experts = None, ()
     if root.get("placement") is not None:
-        stages = _parse_placement(reader, root, nodes)
+        stages, experts = _parse_placement(reader, root, nodes)
 
     generation = GenerationDefaults()
     if root.get("generation") is not None:
@@ -342,10 +196,10 @@ def _parse_root(reader: _Reader, root: _Map, file: Path) -> ClusterConfig:
                 block, "prefill_chunk_tokens", "generation", generation.prefill_chunk_tokens, 1
             ),
         )
-    return ClusterConfig(file, model, coordinator, nodes, stages, generation)
+    return ClusterConfig(file, model, coordinator, nodes, stages, generation, experts)
 
 
-def _parse_node(reader: _Reader, value: Any, path: str, line: int) -> NodeConfig:
+def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
     block = reader.mapping(value, path, line)
     reader.keys(block, path, _NODE_KEYS, required=("name", "host", "port"))
     name = reader.string(block, "name", path)
@@ -356,7 +210,7 @@ def _parse_node(reader: _Reader, value: Any, path: str, line: int) -> NodeConfig
     if memory_gb is not None and (
         not isinstance(memory_gb, int | float) or isinstance(memory_gb, bool) or memory_gb <= 0
     ):
-        problem = f"must be a number of GiB greater than 0, not {_kind(memory_gb)}"
+        problem = f"must be a number of GiB greater than 0, not {kind(memory_gb)}"
         reader.bad(block, "memory_gb", path, problem + "; omit it to use the measured memory")
 
     launch = reader.string(block, "launch", path, "local" if is_loopback(host) else "ssh")
@@ -383,13 +237,13 @@ def _parse_node(reader: _Reader, value: Any, path: str, line: int) -> NodeConfig
                 or isinstance(item, bool)
                 or not isinstance(item, str | int | float)
             ):
-                problem = f"environment values must be strings, not {_kind(item)}; quote it"
+                problem = f"environment values must be strings, not {kind(item)}; quote it"
                 reader.bad(env_block, key, f"{path}.env", problem)
             env[key] = str(item)
     return NodeConfig(name, host, port, memory_gb, launch, ssh, python, workdir, env)
 
 
-def _parse_ssh(reader: _Reader, node_block: _Map, node_path: str) -> SshConfig:
+def _parse_ssh(reader: Reader, node_block: LineMap, node_path: str) -> SshConfig:
     path = f"{node_path}.ssh"
     block = reader.block(node_block, "ssh", node_path)
     reader.keys(block, path, _SSH_KEYS)
@@ -409,7 +263,7 @@ def _parse_ssh(reader: _Reader, node_block: _Map, node_path: str) -> SshConfig:
 
 
 def _check_unique(
-    reader: _Reader, nodes: tuple[NodeConfig, ...], items: _Seq, coordinator: Endpoint
+    reader: Reader, nodes: tuple[NodeConfig, ...], items: LineList, coordinator: Endpoint
 ) -> None:
     def key(host: str, port: int) -> tuple[str, int]:
         host = host.lower()
@@ -435,40 +289,124 @@ def _check_unique(
         addresses[address] = index
 
 
+_EXPERTS_FORMS = (
+    "[START, END] for the half-open range of expert ids START to END - 1 (so [0, 8] is experts "
+    "0 to 7), or {ids: [3, 7, 9]} to list ids one by one"
+)
+
+
 def _parse_placement(
-    reader: _Reader, root: _Map, nodes: tuple[NodeConfig, ...]
-) -> tuple[StageSpec, ...]:
+    reader: Reader, root: LineMap, nodes: tuple[NodeConfig, ...]
+) -> tuple[tuple[StageSpec, ...] | None, tuple[ExpertSpec, ...]]:
     block = reader.block(root, "placement", "")
-    reader.keys(block, "placement", ("stages",), required=("stages",))
+    reader.keys(block, "placement", ("stages", "experts"))
+    if "stages" not in block and "experts" not in block:
+        problem = "needs `stages:`, `experts:` or both; omit `placement:` to place automatically"
+        reader.fail("placement", block.line, problem)
+    names = [node.name for node in nodes]
+    stages = _parse_stages(reader, block, names) if "stages" in block else None
+    experts = _parse_experts(reader, block, names) if "experts" in block else ()
+    return stages, experts
+
+
+def _check_node(reader: Reader, entry: LineMap, path: str, names: list[str]) -> str:
+    node = reader.string(entry, "node", path)
+    if node not in names:
+        close = difflib.get_close_matches(node, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "nodes are: " + ", ".join(names)
+        reader.bad(entry, "node", path, f"unknown node {node!r}; {hint}")
+    return node
+
+
+def _half_open(value: Any) -> tuple[int, int] | None:
+    """(start, end) when value is a [START, END] list with 0 <= START < END, else None."""
+    valid = isinstance(value, LineList) and len(value) == 2 and all(map(is_int, value))
+    return (value[0], value[1]) if valid and 0 <= value[0] < value[1] else None
+
+
+def _check_layers(reader: Reader, entry: LineMap, path: str) -> tuple[int, int]:
+    layers = _half_open(entry["layers"])
+    if layers is None:
+        problem = (
+            "must be [START, END] with whole numbers 0 <= START < END (half-open: [0, 12] "
+            f"holds layers 0 to 11), not {kind(entry['layers'])}"
+        )
+        reader.bad(entry, "layers", path, problem)
+    return layers
+
+
+def _parse_stages(reader: Reader, block: LineMap, names: list[str]) -> tuple[StageSpec, ...]:
     stages_value = block["stages"]
-    if not isinstance(stages_value, _Seq) or not stages_value:
+    if not isinstance(stages_value, LineList) or not stages_value:
         problem = "must be a non-empty list of `{node: NAME, layers: [START, END]}`"
         reader.bad(
             block, "stages", "placement", problem + "; omit `placement:` to place automatically"
         )
-    names = [node.name for node in nodes]
     used: dict[str, int] = {}
     stages = []
     for index, item in enumerate(stages_value):
         path = f"placement.stages[{index}]"
         stage = reader.mapping(item, path, stages_value.item_lines[index])
         reader.keys(stage, path, ("node", "layers"), required=("node", "layers"))
-        node = reader.string(stage, "node", path)
-        if node not in names:
-            close = difflib.get_close_matches(node, names, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else "nodes are: " + ", ".join(names)
-            reader.bad(stage, "node", path, f"unknown node {node!r}; {hint}")
+        node = _check_node(reader, stage, path, names)
         if node in used:
             problem = f"node {node!r} already runs stage {used[node]}; a node runs one stage"
             reader.bad(stage, "node", path, problem)
         used[node] = index
-        layers = stage["layers"]
-        valid = isinstance(layers, _Seq) and len(layers) == 2 and all(map(_is_int, layers))
-        if not valid or not 0 <= layers[0] < layers[1]:
-            problem = (
-                "must be [START, END] with whole numbers 0 <= START < END (half-open: [0, 12] "
-                f"holds layers 0 to 11), not {_kind(layers)}"
-            )
-            reader.bad(stage, "layers", path, problem)
-        stages.append(StageSpec(node, layers[0], layers[1]))
+        start, end = _check_layers(reader, stage, path)
+        stages.append(StageSpec(node, start, end))
     return tuple(stages)
+
+
+def _parse_experts(reader: Reader, block: LineMap, names: list[str]) -> tuple[ExpertSpec, ...]:
+    experts_value = block["experts"]
+    if not isinstance(experts_value, LineList) or not experts_value:
+        problem = (
+            "must be a non-empty list of `{node: NAME, layers: [START, END], experts: ...}`; "
+            "omit it to keep every expert on its layer's stage node"
+        )
+        reader.bad(block, "experts", "placement", problem)
+    specs = []
+    for index, item in enumerate(experts_value):
+        path = f"placement.experts[{index}]"
+        entry = reader.mapping(item, path, experts_value.item_lines[index])
+        keys = ("node", "layers", "experts")
+        reader.keys(entry, path, keys, required=keys)
+        node = _check_node(reader, entry, path, names)
+        layers = _check_layers(reader, entry, path)
+        specs.append(ExpertSpec(node, layers, _expert_ids(reader, entry, path)))
+    return tuple(specs)
+
+
+def _expert_ids(reader: Reader, entry: LineMap, path: str) -> tuple[int, ...]:
+    value = entry["experts"]
+    if isinstance(value, LineMap):
+        path = f"{path}.experts"
+        reader.keys(value, path, ("ids",), required=("ids",))
+        ids = value["ids"]
+        if not isinstance(ids, LineList) or not ids or not all(map(is_int, ids)):
+            problem = f"must be a non-empty list of whole numbers, not {kind(ids)}"
+            reader.bad(value, "ids", path, problem)
+        negative = [i for i in ids if i < 0]
+        if negative:
+            problem = f"expert ids start at 0; {negative[0]} is negative"
+            reader.bad(value, "ids", path, problem)
+        seen: set[int] = set()
+        for expert in ids:
+            if expert in seen:
+                reader.bad(value, "ids", path, f"expert {expert} is listed twice; list it once")
+            seen.add(expert)
+        return tuple(sorted(ids))
+    is_pair = isinstance(value, LineList) and len(value) == 2 and all(map(is_int, value))
+    if is_pair and min(value) < 0:
+        reader.bad(entry, "experts", path, f"expert ids start at 0, not {kind(value)}")
+    span = _half_open(value)
+    if span is None:
+        hint = (
+            "; a list of more than two ids is written {ids: [...]}"
+            if isinstance(value, LineList) and len(value) > 2
+            else ""
+        )
+        problem = f"must be {_EXPERTS_FORMS}; got {kind(value)}{hint}"
+        reader.bad(entry, "experts", path, problem)
+    return tuple(range(*span))

@@ -9,6 +9,14 @@ Bytes are grouped the way stages hold them: `layer_bytes[i]` for transformer blo
 `embed_bytes` for the token embedding (first stage), `head_bytes` for the final norm and the output
 projection (last stage). With tied embeddings the head *is* the embedding matrix, so `head_bytes`
 counts it again: a last stage that is not also the first needs its own copy.
+
+Mixture-of-Experts models add `num_experts` (routed experts per MoE layer), `moe_layers` and
+`expert_bytes[i]`, the bytes of ONE routed expert of layer i (0 for dense layers): the stacked
+expert tensors of the layer (weights, scales, biases) divided by the expert count. `layer_bytes`
+still counts the whole layer, experts included; attention, the router and shared experts form the
+layer's non-expert part (`non_expert_bytes`), which always stays on the layer's stage node. A
+layer is MoE when it has routed-expert tensors: `.switch_mlp.` or `.experts.` in an mlx-lm name,
+`ffn_*_exps` (or per-expert `ffn_gate.E`) in a GGUF; the count comes from the config.
 """
 
 from __future__ import annotations
@@ -29,6 +37,23 @@ _GGUF_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "deepse
 _IGNORED_PREFIXES = ("vision_model.", "vision_tower.", "multi_modal_projector.", "visual.")
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _FINAL_NORM_NAME = re.compile(r"(?:^|\.)norm\.(?:weight|bias)$")
+# Routed experts (never the shared experts, `shared_expert(s).`, nor the router, `gate.`):
+# mlx-lm's stacked SwitchGLU (`switch_mlp`, Llama 4's `experts`) and Hugging Face's per-expert
+# or stacked names (`experts.3.w1`, `experts.gate_up_proj`).
+_EXPERT_NAME = re.compile(r"\.(?:switch_mlp|experts)\.")
+_PER_EXPERT_NAME = re.compile(r"\.experts\.\d+\.")  # Hugging Face: one tensor per expert
+_GGUF_EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(?:[a-z_]+_exps\.|(?:gate|up|down)\.\d+\.)")
+# Where config.json gives the routed-expert count, by family (first key present wins).
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# mlx-lm's expert module (a SwitchGLU) inside each family's MoE layer.
+_EXPERT_MODULES = {
+    "mixtral": "model.layers.{layer}.block_sparse_moe.switch_mlp",
+    "qwen3_moe": "model.layers.{layer}.mlp.switch_mlp",
+    "qwen2_moe": "model.layers.{layer}.mlp.switch_mlp",
+    "deepseek_v3": "model.layers.{layer}.mlp.switch_mlp",
+    "deepseek_v2": "model.layers.{layer}.mlp.switch_mlp",
+    "llama4": "language_model.model.layers.{layer}.feed_forward.experts",
+}
 
 
 @dataclass(frozen=True)
@@ -42,12 +67,68 @@ class ModelInfo:
     embed_bytes: int
     head_bytes: int  # final norm + output projection (the embedding again when tied)
     tied_embeddings: bool
+    num_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
+    moe_layers: tuple[int, ...] = ()  # ascending
+    expert_bytes: tuple[int, ...] = ()  # one routed expert of each layer; () = all dense
+
+    def __post_init__(self) -> None:
+        if not self.expert_bytes:
+            object.__setattr__(self, "expert_bytes", (0,) * self.num_layers)
+        if len(self.layer_bytes) != self.num_layers or len(self.expert_bytes) != self.num_layers:
+            raise ValueError("layer_bytes and expert_bytes need one entry per layer")
+        moe = tuple(i for i, size in enumerate(self.expert_bytes) if size > 0)
+        if self.moe_layers != moe or (self.num_experts > 0) != bool(moe):
+            raise ValueError(
+                f"moe_layers {self.moe_layers} and num_experts {self.num_experts} disagree with "
+                f"the layers whose expert_bytes are set {moe}"
+            )
 
     @property
     def total_bytes(self) -> int:
         """Size of the weights, each counted once (a tied embedding is one matrix)."""
         shared = self.embed_bytes if self.tied_embeddings else 0
         return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes - shared
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def non_expert_bytes(self, layer: int) -> int:
+        """Bytes of layer `layer` without its routed experts (attention, router, shared experts)."""
+        return self.layer_bytes[layer] - self.num_experts * self.expert_bytes[layer]
+
+
+def expert_module_path(architecture: str, layer: int) -> str:
+    """Dotted path of layer `layer`'s routed-expert module (mlx-lm's SwitchGLU) in the model,
+    e.g. "model.layers.3.block_sparse_moe.switch_mlp" for mixtral."""
+    if architecture not in _EXPERT_MODULES:
+        raise ModelError(
+            f"expert parallelism does not know the {architecture!r} family; it supports "
+            + ", ".join(sorted(_EXPERT_MODULES))
+        )
+    return _EXPERT_MODULES[architecture].format(layer=layer)
+
+
+def _experts(
+    source: Path, num_experts: int, layer_expert_bytes: list[int]
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(num_experts, moe_layers, expert_bytes) from each layer's total routed-expert bytes."""
+    moe_layers = tuple(i for i, size in enumerate(layer_expert_bytes) if size > 0)
+    if not moe_layers:
+        return 0, (), ()
+    if num_experts < 1:
+        raise ModelError(
+            f"{source}: layer {moe_layers[0]} has routed-expert weights but the config gives no "
+            "expert count (num_local_experts, num_experts, n_routed_experts or expert_count)"
+        )
+    for layer in moe_layers:
+        if layer_expert_bytes[layer] % num_experts:
+            raise ModelError(
+                f"{source}: layer {layer}'s expert weights ({layer_expert_bytes[layer]} bytes) do "
+                f"not split into {num_experts} equal experts; the expert count in the config "
+                "does not match the weights"
+            )
+    return num_experts, moe_layers, tuple(size // num_experts for size in layer_expert_bytes)
 
 
 def describe_model(source: str) -> ModelInfo:
@@ -106,6 +187,7 @@ def _describe_gguf(path: Path) -> ModelInfo:
         architecture = "deepseek_v3"  # V3 gates experts with a sigmoid (2); V2 with softmax (1)
 
     layer_bytes = [0] * num_layers
+    layer_expert_bytes = [0] * num_layers
     embed_bytes = head_bytes = 0
     has_output = False
     for name, size in tensors:
@@ -113,6 +195,8 @@ def _describe_gguf(path: Path) -> ModelInfo:
             layer = int(name.split(".")[1])
             if layer < num_layers:  # extra blocks (e.g. multi-token prediction) are never run
                 layer_bytes[layer] += size
+                if _GGUF_EXPERT_NAME.match(name):
+                    layer_expert_bytes[layer] += size
         elif name.startswith("token_embd"):
             embed_bytes += size
         elif name.startswith(("output_norm", "output.")):
@@ -121,6 +205,9 @@ def _describe_gguf(path: Path) -> ModelInfo:
     tied = not has_output
     if tied:
         head_bytes += embed_bytes
+    num_experts, moe_layers, expert_bytes = _experts(
+        path, int(metadata.get(f"{arch}.expert_count", 0)), layer_expert_bytes
+    )
     return ModelInfo(
         path=path,
         format="gguf",
@@ -131,14 +218,17 @@ def _describe_gguf(path: Path) -> ModelInfo:
         embed_bytes=embed_bytes,
         head_bytes=head_bytes,
         tied_embeddings=tied,
+        num_experts=num_experts,
+        moe_layers=moe_layers,
+        expert_bytes=expert_bytes,
     )
 
 
 # --- checkpoint directories (config.json + safetensors) ----------------------------------------
 
 
-def _safetensors_sizes(path: Path) -> dict[str, int]:
-    """Bytes per tensor from a safetensors header: u64 little-endian length, then JSON."""
+def _safetensors_sizes(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """(bytes, shape) per tensor from a safetensors header: u64 little-endian length, then JSON."""
     try:
         with path.open("rb") as file:
             header_length = int.from_bytes(file.read(8), "little")
@@ -146,7 +236,10 @@ def _safetensors_sizes(path: Path) -> dict[str, int]:
                 raise ValueError(f"header length {header_length} is impossible")
             header = json.loads(file.read(header_length))
         return {
-            name: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            name: (
+                int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]),
+                tuple(int(n) for n in entry["shape"]),
+            )
             for name, entry in header.items()
             if name != "__metadata__"
         }
@@ -173,15 +266,22 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
     if not files:
         raise ModelError(f"{path} has config.json but no *.safetensors weights")
     layer_bytes = [0] * num_layers
+    layer_expert_bytes = [0] * num_layers
+    stacked: dict[int, str] = {}  # expert-axis length -> a stacked expert tensor that has it
     embed_bytes = head_bytes = lm_head_bytes = 0
     for file in files:
-        for name, size in _safetensors_sizes(file).items():
+        for name, (size, shape) in _safetensors_sizes(file).items():
             if name.startswith(_IGNORED_PREFIXES):
                 continue
             layer = _LAYER_NAME.search(name)
             if layer:
-                if int(layer.group(1)) < num_layers:  # extra (MTP) layers are dropped by mlx-lm
-                    layer_bytes[int(layer.group(1))] += size
+                index = int(layer.group(1))
+                if index < num_layers:  # extra (MTP) layers are dropped by mlx-lm
+                    layer_bytes[index] += size
+                    if _EXPERT_NAME.search(name):
+                        layer_expert_bytes[index] += size
+                        if shape and not _PER_EXPERT_NAME.search(name):
+                            stacked.setdefault(shape[0], name)  # experts are the first axis
             elif "embed_tokens" in name:
                 embed_bytes += size
             elif "lm_head" in name:
@@ -199,6 +299,16 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
     tie_setting = text.get("tie_word_embeddings", architecture == "llama")
     tied = lm_head_bytes == 0 or bool(tie_setting)
     head_bytes += embed_bytes if tied else lm_head_bytes
+    counts = [text[key] for key in _EXPERT_COUNT_KEYS if isinstance(text.get(key), int)]
+    for length, name in stacked.items():
+        if counts and length != counts[0]:
+            raise ModelError(
+                f"{config_path} gives {counts[0]} experts per MoE layer but {name} stacks "
+                f"{length}; the config does not match the weights"
+            )
+    num_experts, moe_layers, expert_bytes = _experts(
+        config_path, counts[0] if counts else 0, layer_expert_bytes
+    )
     return ModelInfo(
         path=path,
         format="mlx",
@@ -209,4 +319,7 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
         embed_bytes=embed_bytes,
         head_bytes=head_bytes,
         tied_embeddings=tied,
+        num_experts=num_experts,
+        moe_layers=moe_layers,
+        expert_bytes=expert_bytes,
     )

@@ -6,21 +6,44 @@ A `Placement` is the pipeline: stages in order, each a node holding a half-open 
 into a Placement: explicit stages from cluster.yaml are validated, otherwise `assign_layers` splits
 the layers so each node's share of the weights is proportional to its memory. Nothing here does
 I/O; every failure is a `PlacementError` that names the stage or node and says what to do.
+
+For MoE models the Placement also carries an `ExpertMap` (layer -> expert -> holding nodes), made
+by `pomona.experts.plan_experts`; `check_fit` counts what every node holds (`node_bytes`), so
+experts spread over other nodes and replicas are accounted for. Dense models get an empty map.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pomona.errors import PlacementError
+from pomona.experts import ExpertMap, expert_groups, format_ids, plan_experts, validate_experts
+from pomona.weight_bytes import GIB, format_bytes, held_bytes, shard_bytes
 
 if TYPE_CHECKING:
     from pomona.config import ClusterConfig, StageSpec
     from pomona.modelinfo import ModelInfo
 
-GIB = 2**30
+__all__ = [  # the expert and byte helpers are re-exported: callers import placement from here
+    "GIB",
+    "ExpertMap",
+    "LayerRange",
+    "Placement",
+    "StagePlacement",
+    "assign_layers",
+    "check_fit",
+    "expert_groups",
+    "format_bytes",
+    "format_ids",
+    "node_bytes",
+    "plan_experts",
+    "plan_placement",
+    "shard_bytes",
+    "validate_experts",
+    "validate_stages",
+]
 
 
 @dataclass(frozen=True)
@@ -58,10 +81,18 @@ class StagePlacement:
 @dataclass(frozen=True)
 class Placement:
     stages: tuple[StagePlacement, ...]  # in pipeline order
+    # layer -> routed expert -> nodes holding it; empty for a dense model
+    experts: ExpertMap = field(default_factory=ExpertMap)
 
     @property
     def num_layers(self) -> int:
         return self.stages[-1].layers.end if self.stages else 0
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node with a stage (pipeline order) or experts (expert-only nodes after)."""
+        names = [stage.node for stage in self.stages]
+        return tuple(names + [node for node in self.experts.nodes if node not in names])
 
     def stage_of(self, node: str) -> StagePlacement:
         for stage in self.stages:
@@ -69,26 +100,17 @@ class Placement:
                 return stage
         raise KeyError(node)
 
+    def stage_for_layer(self, layer: int) -> StagePlacement:
+        for stage in self.stages:
+            if layer in stage.layers:
+                return stage
+        raise KeyError(layer)
 
-def format_bytes(num_bytes: float) -> str:
-    """Bytes for people: GiB for big amounts, MiB below one GiB."""
-    if num_bytes >= GIB:
-        return f"{num_bytes / GIB:.2f} GiB"
-    return f"{num_bytes / 2**20:.1f} MiB"
 
-
-def shard_bytes(model: ModelInfo, layers: LayerRange, is_first: bool, is_last: bool) -> int:
-    """Bytes of weights a stage holds: its layers, plus the embedding first, norm and head last."""
-    total = sum(model.layer_bytes[layers.start : layers.end])
-    if is_first:
-        total += model.embed_bytes
-    if is_last:
-        total += model.head_bytes
-        if is_first and model.tied_embeddings:
-            # head_bytes counts the tied embedding again for a last stage that lacks it; one stage
-            # holding both shares a single copy.
-            total -= model.embed_bytes
-    return total
+def node_bytes(model: ModelInfo, placement: Placement) -> dict[str, int]:
+    """Bytes of weights each node holds: its stage without routed experts, plus the experts it
+    holds (a replica counts on every holder). Expert-only nodes are included."""
+    return held_bytes(model, placement.stages, placement.experts)
 
 
 def assign_layers(
@@ -204,37 +226,53 @@ def validate_stages(specs: Sequence[StageSpec], num_layers: int) -> list[LayerRa
     return ranges
 
 
+def _holding(placement: Placement, node: str) -> str:
+    """What a node holds, for messages: "layers [0, 2)", "6 experts of layers 2-3", or both."""
+    parts = [f"layers {s.layers}" for s in placement.stages if s.node == node]
+    own = {layer for s in placement.stages if s.node == node for layer in s.layers}
+    foreign = [
+        (layer, expert)
+        for layer, experts in placement.experts.items()
+        if layer not in own
+        for expert, nodes in experts.items()
+        if node in nodes
+    ]
+    if foreign:
+        layers = {layer for layer, _ in foreign}
+        noun = "layer" if len(layers) == 1 else "layers"
+        parts.append(f"{len(foreign)} experts of {noun} {format_ids(layers)}")
+    return " and ".join(parts)
+
+
 def check_fit(model: ModelInfo, placement: Placement, capacities_by_node: dict[str, int]) -> None:
     """Raise PlacementError listing every node whose share of the weights exceeds its memory."""
-    needed: dict[str, int] = {}
-    for stage in placement.stages:
-        size = shard_bytes(model, stage.layers, stage.is_first, stage.is_last)
-        needed[stage.node] = needed.get(stage.node, 0) + size
+    needed = node_bytes(model, placement)
     problems = []
     for node, size in needed.items():
         if node not in capacities_by_node:
             raise PlacementError(f"no memory figure for node {node!r}; set memory_gb for it")
         available = capacities_by_node[node]
         if size > available:
-            layers = ", ".join(str(s.layers) for s in placement.stages if s.node == node)
-            needs = f"needs {format_bytes(size)} for layers {layers}"
+            needs = f"needs {format_bytes(size)} for {_holding(placement, node)}"
             problems.append(f"node {node!r} {needs} but has {format_bytes(available)}")
     if problems:
         total_available = sum(capacities_by_node[node] for node in needed)
         raise PlacementError(
             "the model does not fit: "
             + "; ".join(problems)
-            + f" (the weights total {format_bytes(sum(needed.values()))} across these nodes, which have "
-            f"{format_bytes(total_available)} together). Add nodes, set `memory_gb` in cluster.yaml if a "
-            "measurement is wrong, move layers between stages, or use a smaller or more "
-            "quantized model."
+            + f" (the weights total {format_bytes(sum(needed.values()))} across these nodes, "
+            f"which have {format_bytes(total_available)} together). Add nodes, set `memory_gb` in "
+            "cluster.yaml if a measurement is wrong, move layers between stages"
+            + (", move experts with placement.experts" if model.is_moe else "")
+            + ", or use a smaller or more quantized model."
         )
 
 
 def plan_placement(
     config: ClusterConfig, model: ModelInfo, capacities_by_node: dict[str, int]
 ) -> Placement:
-    """The pipeline for this cluster and model; `memory_gb` in the config overrides measurements.
+    """The pipeline and expert map for this cluster and model; `memory_gb` in the config
+    overrides measurements.
 
     capacities_by_node: usable bytes per node name, as measured by the workers.
     """
@@ -249,6 +287,7 @@ def plan_placement(
                 f"node {node.name!r} reported no memory figure; set memory_gb for it in "
                 f"{config.path}"
             )
+    # `capacities` now has every node of the cluster, memory_gb applied.
     if config.stages is not None:
         names = [spec.node for spec in config.stages]
         ranges = validate_stages(config.stages, model.num_layers)
@@ -258,11 +297,10 @@ def plan_placement(
             model.layer_bytes, model.embed_bytes, model.head_bytes, [capacities[n] for n in names]
         )
     last = len(names) - 1
-    placement = Placement(
-        tuple(
-            StagePlacement(name, layers, is_first=index == 0, is_last=index == last)
-            for index, (name, layers) in enumerate(zip(names, ranges, strict=True))
-        )
+    stages = tuple(
+        StagePlacement(name, layers, is_first=index == 0, is_last=index == last)
+        for index, (name, layers) in enumerate(zip(names, ranges, strict=True))
     )
+    placement = Placement(stages, plan_experts(config, model, stages, capacities))
     check_fit(model, placement, capacities)
     return placement

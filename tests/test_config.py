@@ -11,6 +11,7 @@ import pytest
 from pomona.config import (
     ClusterConfig,
     Endpoint,
+    ExpertSpec,
     GenerationDefaults,
     SshConfig,
     StageSpec,
@@ -146,6 +147,41 @@ BROKEN = [
         "[-1, 2]",
     ),
     ("stage-missing-layers", TWO_NODES + "placement: {stages: [{node: a}]}\n", "'layers'"),
+    ("placement-nothing", TWO_NODES + "placement: {}\n", "placement: needs `stages:`, `experts:`"),
+    *[
+        (f"experts-{name}", TWO_NODES + "placement:\n  experts:\n    - " + entry + "\n", message)
+        for name, entry, message in [
+            # (id, one `placement.experts` entry, a distinctive part of the message)
+            ("unknown-node", "{node: c, layers: [0, 2], experts: [0, 4]}",
+             "line 6: placement.experts[0].node: unknown node 'c'; nodes are: a, b"),
+            ("misspelled-node", "{node: aa, layers: [0, 2], experts: [0, 4]}", "did you mean 'a'?"),
+            ("missing-experts", "{node: a, layers: [0, 2]}", "missing required key 'experts'"),
+            ("unknown-key", "{node: a, layers: [0, 2], expert: [0, 4]}", "did you mean 'experts'?"),
+            ("layers-reversed", "{node: a, layers: [4, 2], experts: [0, 4]}",
+             "placement.experts[0].layers: must be [START, END]"),
+            ("layers-one-number", "{node: a, layers: 3, experts: [0, 4]}", "half-open"),
+            ("range-empty", "{node: a, layers: [0, 2], experts: [4, 4]}",
+             "placement.experts[0].experts: must be [START, END] for the half-open range"),
+            ("range-reversed", "{node: a, layers: [0, 2], experts: [5, 1]}", "{ids: [3, 7, 9]}"),
+            ("range-negative", "{node: a, layers: [0, 2], experts: [-2, 4]}",
+             "expert ids start at 0, not the list [-2, 4]"),
+            ("range-floats", "{node: a, layers: [0, 2], experts: [0, 2.5]}",
+             "got the list [0, 2.5]"),
+            ("three-numbers", "{node: a, layers: [0, 2], experts: [1, 5, 9]}",
+             "a list of more than two ids is written {ids: [...]}"),
+            ("scalar", "{node: a, layers: [0, 2], experts: 3}", "must be [START, END]"),
+            ("ids-empty", "{node: a, layers: [0, 2], experts: {ids: []}}",
+             "placement.experts[0].experts.ids: must be a non-empty list"),
+            ("ids-strings", "{node: a, layers: [0, 2], experts: {ids: [a]}}", "whole numbers"),
+            ("ids-negative", "{node: a, layers: [0, 2], experts: {ids: [3, -1]}}",
+             "experts.ids: expert ids start at 0; -1 is negative"),
+            ("ids-duplicate", "{node: a, layers: [0, 2], experts: {ids: [3, 7, 3]}}",
+             "experts.ids: expert 3 is listed twice"),
+            ("ids-misspelled", "{node: a, layers: [0, 2], experts: {id: [3]}}",
+             "did you mean 'ids'?"),
+        ]
+    ],  # fmt: skip
+    ("experts-empty", TWO_NODES + "placement: {experts: []}\n", "placement.experts: must be"),
 ]
 
 
@@ -177,6 +213,7 @@ def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
     assert config.model == "default"
     assert config.coordinator == Endpoint("127.0.0.1", 50050)
     assert config.stages is None
+    assert config.experts == ()
     assert config.generation == GenerationDefaults(max_tokens=256, prefill_chunk_tokens=256)
     (node,) = config.nodes
     assert node.address == "127.0.0.1:50051"
@@ -261,3 +298,33 @@ generation: {max_tokens: 64, prefill_chunk_tokens: 32}
     assert config.stages == (StageSpec("b", 0, 12), StageSpec("a", 12, 30))
     assert config.generation == GenerationDefaults(64, 32)
     assert config.node("b").port == 50052
+
+
+def test_expert_groups_ranges_and_ids(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        TWO_NODES
+        + """\
+  - {name: c, host: 127.0.0.1, port: 50053}
+placement:
+  stages:
+    - {node: a, layers: [0, 8]}
+  experts:
+    - {node: b, layers: [0, 8], experts: [0, 8]}      # half-open: experts 0 to 7
+    - {node: c, layers: [2, 4], experts: {ids: [9, 3, 7]}}
+    - {node: c, layers: [0, 1], experts: [3, 4]}      # two numbers are a range: expert 3 alone
+""",
+    )
+    assert config.stages == (StageSpec("a", 0, 8),)
+    assert config.experts == (
+        ExpertSpec("b", (0, 8), tuple(range(8))),
+        ExpertSpec("c", (2, 4), (3, 7, 9)),  # sorted
+        ExpertSpec("c", (0, 1), (3,)),
+    )
+
+
+def test_experts_without_stages_keep_automatic_stages(tmp_path: Path) -> None:
+    entry = "{node: b, layers: [1, 3], experts: [0, 2]}"
+    config = load(tmp_path, TWO_NODES + f"placement:\n  experts: [{entry}]\n")
+    assert config.stages is None
+    assert config.experts == (ExpertSpec("b", (1, 3), (0, 1)),)

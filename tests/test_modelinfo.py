@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pomona.errors import ModelError
-from pomona.modelinfo import describe_model
+from pomona.modelinfo import ModelInfo, describe_model, expert_module_path
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
 
@@ -208,3 +208,188 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     (tmp_path / "d" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match="num_hidden_layers"):
         describe_model(str(tmp_path / "d"))
+
+
+# --- Mixture-of-Experts structure ---------------------------------------------------------------
+
+EXPERTS = 4
+EXPERT = 3 * (32 + 8 + 8)  # one expert: gate/up/down, each a U32 weight + BF16 scales and biases
+
+
+def moe_tensors(
+    prefix: str, num_layers: int, moe_layers: set[int], block: str, extra: dict[str, tuple]
+) -> dict:
+    """Attention in every layer; a stacked expert block `block` (quantized) in moe_layers, a dense
+    MLP elsewhere; `extra` (router, shared expert) added to every MoE layer."""
+    tensors = {f"{prefix}model.embed_tokens.weight": ("BF16", (32, 8))}
+    for layer in range(num_layers):
+        base = f"{prefix}model.layers.{layer}."
+        tensors[base + "self_attn.q_proj.weight"] = ("BF16", (8, 8))  # 128
+        if layer not in moe_layers:
+            tensors[base + "mlp.gate_proj.weight"] = ("BF16", (8, 8))  # 128
+            continue
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            name = f"{base}{block}.{projection}."
+            tensors[name + "weight"] = ("U32", (EXPERTS, 4, 2))  # 32 bytes per expert
+            tensors[name + "scales"] = ("BF16", (EXPERTS, 4, 1))  # 8
+            tensors[name + "biases"] = ("BF16", (EXPERTS, 4, 1))  # 8
+        for name, entry in extra.items():
+            tensors[base + name] = entry
+    tensors[f"{prefix}model.norm.weight"] = ("BF16", (8,))
+    return tensors
+
+
+ROUTER = {"gate.weight": ("BF16", (EXPERTS, 8))}  # 64 bytes, stays with the layer
+MOE_CASES = [
+    # (id, config, tensor prefix, MoE layers, expert block, extra per MoE layer)
+    (
+        "mixtral",
+        {"model_type": "mixtral", "num_hidden_layers": 3, "num_local_experts": EXPERTS},
+        "",
+        {0, 1, 2},
+        "block_sparse_moe.switch_mlp",
+        {"block_sparse_moe.gate.weight": ("BF16", (EXPERTS, 8))},
+    ),
+    (
+        "qwen3_moe-mlp-only-layer",
+        {"model_type": "qwen3_moe", "num_hidden_layers": 3, "num_experts": EXPERTS,
+         "decoder_sparse_step": 1, "mlp_only_layers": [1]},
+        "",
+        {0, 2},
+        "mlp.switch_mlp",
+        {"mlp.gate.weight": ("BF16", (EXPERTS, 8))},
+    ),  # fmt: skip
+    (
+        "llama4-interleaved-shared-expert",
+        {"model_type": "llama4", "text_config": {"num_hidden_layers": 4,
+         "num_local_experts": EXPERTS, "interleave_moe_layer_step": 2}},
+        "language_model.",
+        {1, 3},
+        "feed_forward.experts",
+        {"feed_forward.router.weight": ("BF16", (EXPERTS, 8)),
+         "feed_forward.shared_expert.gate_proj.weight": ("BF16", (8, 8))},
+    ),  # fmt: skip
+    (
+        "deepseek_v3-first-dense-shared-experts",
+        {"model_type": "deepseek_v3", "num_hidden_layers": 3, "n_routed_experts": EXPERTS,
+         "first_k_dense_replace": 1, "moe_layer_freq": 1},
+        "",
+        {1, 2},
+        "mlp.switch_mlp",
+        {"mlp.gate.weight": ("BF16", (EXPERTS, 8)),
+         "mlp.shared_experts.gate_proj.weight": ("BF16", (8, 8))},
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    "config, prefix, moe_layers, block, extra",
+    [row[1:] for row in MOE_CASES],
+    ids=[row[0] for row in MOE_CASES],
+)
+def test_checkpoint_moe_structure(
+    tmp_path: Path, config: dict, prefix: str, moe_layers: set, block: str, extra: dict
+) -> None:
+    tensors = moe_tensors(prefix, config.get("text_config", config)["num_hidden_layers"],
+                          moe_layers, block, extra)  # fmt: skip
+    info = describe_model(str(make_checkpoint(tmp_path / "m", config, tensors, files=2)))
+    extra_bytes = sum(DTYPE_BYTES[dtype] * int(np.prod(shape)) for dtype, shape in extra.values())
+    assert (info.num_experts, info.moe_layers, info.is_moe) == (EXPERTS, tuple(sorted(moe_layers)),
+                                                                 True)  # fmt: skip
+    for layer in range(info.num_layers):
+        is_moe = layer in moe_layers
+        assert info.expert_bytes[layer] == (EXPERT if is_moe else 0)
+        # layer_bytes keeps every expert; the non-expert part is attention + router + shared.
+        assert info.layer_bytes[layer] == 128 + (EXPERTS * EXPERT + extra_bytes if is_moe else 128)
+        assert info.non_expert_bytes(layer) == 128 + (extra_bytes if is_moe else 128)
+
+
+def test_dense_checkpoint_has_no_experts(tmp_path: Path) -> None:
+    config = {"model_type": "llama", "num_hidden_layers": 3, "num_experts": 8}  # count alone: dense
+    info = describe_model(str(make_checkpoint(tmp_path / "m", config, llama_tensors("", 3, False))))
+    assert (info.num_experts, info.moe_layers, info.expert_bytes, info.is_moe) == (
+        0, (), (0, 0, 0), False
+    )  # fmt: skip
+
+
+def test_hugging_face_per_expert_names_count_as_experts(tmp_path: Path) -> None:
+    tensors = llama_tensors("", 2, False)
+    for layer in range(2):
+        for expert in range(EXPERTS):
+            for w in ("w1", "w2", "w3"):
+                name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+                tensors[name] = ("BF16", (8, 4))  # 64 bytes
+    config = {"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": EXPERTS}
+    info = describe_model(str(make_checkpoint(tmp_path / "m", config, tensors)))
+    assert (info.num_experts, info.moe_layers, info.expert_bytes) == (EXPERTS, (0, 1), (192, 192))
+    config["num_local_experts"] = 5  # 4 * 192 bytes do not split into 5 experts
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="do not split into 5 equal experts"):
+        describe_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize(
+    "count, message",
+    [(None, "gives no expert count"), (8, "gives 8 experts per MoE layer but model.layers.0.")],
+    ids=["no-count", "count-differs-from-stacked-axis"],
+)
+def test_checkpoint_expert_errors(tmp_path: Path, count: int | None, message: str) -> None:
+    config = {"model_type": "mixtral", "num_hidden_layers": 2}
+    if count is not None:
+        config["num_local_experts"] = count
+    tensors = moe_tensors("", 2, {0, 1}, "block_sparse_moe.switch_mlp", {})
+    with pytest.raises(ModelError, match=message):
+        describe_model(str(make_checkpoint(tmp_path / "m", config, tensors)))
+
+
+def test_gguf_stacked_experts(tmp_path: Path) -> None:
+    path = tmp_path / "moe.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_uint32("llama.expert_count", EXPERTS)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    for block in range(2):
+        writer.add_tensor(f"blk.{block}.attn_q.weight", np.zeros((16, 16), np.float32))
+        writer.add_tensor(f"blk.{block}.ffn_gate_inp.weight", np.zeros((EXPERTS, 16), np.float32))
+        for part in ("gate", "up", "down"):
+            stacked = np.zeros((EXPERTS, 8, 16), np.float16)  # 256 bytes per expert
+            writer.add_tensor(f"blk.{block}.ffn_{part}_exps.weight", stacked)
+    writer.add_tensor("output_norm.weight", np.zeros(16, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = describe_model(str(path))
+    assert (info.architecture, info.num_experts, info.moe_layers) == ("mixtral", EXPERTS, (0, 1))
+    assert info.expert_bytes == (3 * 256,) * 2
+    assert info.non_expert_bytes(0) == 16 * 16 * 4 + EXPERTS * 16 * 4  # attention + router
+
+
+@pytest.mark.parametrize(
+    "architecture, layer, path",
+    [
+        ("mixtral", 3, "model.layers.3.block_sparse_moe.switch_mlp"),
+        ("qwen3_moe", 0, "model.layers.0.mlp.switch_mlp"),
+        ("deepseek_v3", 2, "model.layers.2.mlp.switch_mlp"),
+        ("llama4", 5, "language_model.model.layers.5.feed_forward.experts"),
+    ],
+)
+def test_expert_module_path(architecture: str, layer: int, path: str) -> None:
+    assert expert_module_path(architecture, layer) == path
+
+
+def test_expert_module_path_unknown_family() -> None:
+    with pytest.raises(ModelError, match="does not know the 'llama' family; it supports"):
+        expert_module_path("llama", 0)
+
+
+def test_model_info_rejects_inconsistent_expert_fields() -> None:
+    common = dict(path=Path("/m"), format="mlx", architecture="mixtral", num_layers=2,
+                  context_length=8, layer_bytes=(10, 10), embed_bytes=1, head_bytes=1,
+                  tied_embeddings=False)  # fmt: skip
+    assert ModelInfo(**common).expert_bytes == (0, 0)
+    ModelInfo(**common, num_experts=2, moe_layers=(1,), expert_bytes=(0, 4))
+    with pytest.raises(ValueError, match="disagree"):
+        ModelInfo(**common, num_experts=2, moe_layers=(0, 1), expert_bytes=(0, 4))
+    with pytest.raises(ValueError, match="one entry per layer"):
+        ModelInfo(**common, num_experts=2, moe_layers=(1,), expert_bytes=(4,))

@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from pomona.proto import worker_pb2
 
+from .experts import DISPATCH_TIMEOUT_S, ExpertHost, ExpertLink, ExpertStats
 from .sampling import Sampler, SamplingConfig
 from .stage import StageModel
 from .wire import decode_tensor, encode_tensor
@@ -80,6 +83,13 @@ class StageEngine:
         self.send_next: Callable[[worker_pb2.StageMessage], None] | None = None
         self.requests: dict[str, RequestState] = {}
         self.results = ResultHub()
+        # Expert parallelism: requests from stage nodes for the experts held here, and wake-ups
+        # for replies to this node's own dispatches. While a dispatch waits, the engine keeps
+        # serving expert requests, so two nodes that hold each other's experts cannot deadlock.
+        self.expert_jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.expert_host: ExpertHost | None = None
+        self.expert_links: dict[str, ExpertLink] = {}
+        self.expert_stats = ExpertStats()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
@@ -105,14 +115,70 @@ class StageEngine:
         self._jobs.put((job, future))
         return future
 
+    def submit_expert(self, request: worker_pb2.ExpertRequest) -> Future:
+        """Queue an expert request (from a gRPC handler thread); the future holds the reply."""
+        future: Future = Future()
+        self.expert_jobs.put((request, future))
+        self._jobs.put((self._serve_expert_jobs, None))  # an idle engine serves it at once
+        return future
+
+    def _run_expert_job(self, item) -> None:
+        if item is None:  # a wake-up for a dispatch nobody waits for any more
+            return
+        request, future = item
+        try:
+            if self.expert_host is None:
+                raise ValueError("this node holds no experts")
+            future.set_result(self.expert_host.compute(request))
+        except Exception as error:
+            future.set_result(worker_pb2.ExpertReply(error=f"{type(error).__name__}: {error}"))
+
+    def _serve_expert_jobs(self) -> None:
+        while True:
+            try:
+                item = self.expert_jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._run_expert_job(item)
+
+    # -- the dispatcher used by DistributedSwitchGLU (engine thread) ---------------------------
+
+    @property
+    def stats(self) -> ExpertStats:
+        return self.expert_stats
+
+    def send(self, node: str, request: worker_pb2.ExpertRequest) -> None:
+        self.expert_links[node].send(request)
+
+    def receive(self, node: str) -> worker_pb2.ExpertReply:
+        """The next reply from ``node``, serving incoming expert requests while waiting."""
+        link = self.expert_links[node]
+        deadline = time.monotonic() + DISPATCH_TIMEOUT_S
+        while True:
+            try:
+                reply = link.replies.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"expert node {node} did not answer within {DISPATCH_TIMEOUT_S:.0f} s"
+                    ) from None
+                try:
+                    self._run_expert_job(self.expert_jobs.get(timeout=remaining))
+                except queue.Empty:
+                    pass
+                continue
+            if reply.error:
+                raise RuntimeError(f"expert node {node}: {reply.error}")
+            return reply
+
     def submit(self, message: worker_pb2.StageMessage) -> None:
         """Queue a data-plane message (called from gRPC handler threads)."""
         self._jobs.put((lambda: self._handle(message), None))
 
     # -- configuration (engine thread) ---------------------------------------------------------
 
-    def install(self, stage: StageModel, index: int, count: int, send_next) -> None:
-        self.release()
+    def install(self, stage: StageModel | None, index: int, count: int, send_next) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
         self.send_next = send_next if count > 1 else None
 
@@ -120,7 +186,18 @@ class StageEngine:
         self.requests.clear()
         self.stage = None
         self.send_next = None
+        self.expert_host = None
+        for link in self.expert_links.values():
+            link.close()
+        self.expert_links = {}
         mx.clear_cache()
+
+    def parameter_bytes(self) -> int:
+        total = self.stage.parameter_bytes if self.stage is not None else 0
+        if self.expert_host is not None:
+            for module, _ in self.expert_host.modules.values():
+                total += sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+        return total
 
     def cache_bytes(self) -> int:
         return sum(

@@ -8,6 +8,7 @@ import platform
 import queue
 import socket
 import threading
+from collections import defaultdict
 from concurrent import futures
 
 import grpc
@@ -20,8 +21,9 @@ from pomona.grpc_options import SERVER_OPTIONS
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
 from .engine import StageEngine
+from .experts import DISPATCH_TIMEOUT_S, ExpertLink
 from .link import NextStageLink
-from .stage import load_stage
+from .stage import ExpertPlan, load_expert_host, load_stage
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,45 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             progress.put(worker_pb2.LoadProgress(fraction=fraction, message=message))
 
         def load():
-            stage = load_stage(
-                request.model_path,
-                request.layer_start,
-                request.layer_end,
-                request.is_first,
-                request.is_last,
-                progress=report,
+            engine = self.engine
+            engine.release()
+            held = {group.layer: list(group.expert_ids) for group in request.experts}
+            remote: dict[int, dict[str, list[int]]] = defaultdict(dict)
+            addresses = {}
+            for group in request.remote_experts:
+                remote[group.layer][group.node] = list(group.expert_ids)
+                addresses[group.node] = group.address
+            engine.expert_links = {
+                node: ExpertLink(node, address, engine.expert_jobs)
+                for node, address in addresses.items()
+            }
+            stage_layers = range(0) if request.experts_only else range(
+                request.layer_start, request.layer_end
             )
-            self.engine.install(stage, request.stage_index, request.stage_count, self._connect(request))
-            return stage.parameter_bytes
+            stage = None
+            if not request.experts_only:
+                plan = None
+                if remote:
+                    own = {layer: ids for layer, ids in held.items() if layer in stage_layers}
+                    plan = ExpertPlan(own, dict(remote), engine)
+                stage = load_stage(
+                    request.model_path,
+                    request.layer_start,
+                    request.layer_end,
+                    request.is_first,
+                    request.is_last,
+                    progress=report,
+                    experts=plan,
+                )
+            hosted = {layer: ids for layer, ids in held.items() if layer not in stage_layers}
+            if hosted:
+                engine.expert_host = load_expert_host(
+                    request.model_path, hosted, engine.expert_stats
+                )
+                report(1.0, f"experts of layers {sorted(hosted)} loaded")
+            send_next = None if request.experts_only else self._connect(request)
+            engine.install(stage, request.stage_index, request.stage_count, send_next)
+            return engine.parameter_bytes()
 
         self._disconnect()
         job = self.engine.call(load)
@@ -104,7 +135,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 is_first=bool(stage and stage.is_first),
                 is_last=bool(stage and stage.is_last),
                 active_requests=len(self.engine.requests),
-                parameter_bytes=stage.parameter_bytes if stage else 0,
+                parameter_bytes=self.engine.parameter_bytes(),
                 rss_bytes=psutil.Process().memory_info().rss,
                 cache_bytes=self.engine.cache_bytes(),
                 model_path=self._loaded.model_path if self._loaded else "",
@@ -129,6 +160,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Ping(self, request_iterator, context):
         yield from request_iterator
+
+    def Experts(self, request_iterator, context):
+        for request in request_iterator:
+            try:
+                yield self.engine.submit_expert(request).result(timeout=DISPATCH_TIMEOUT_S)
+            except TimeoutError:
+                yield worker_pb2.ExpertReply(error="expert computation timed out")
+
+    def ExpertStats(self, request, context):
+        return self.engine.expert_stats.to_proto()
 
     def Results(self, request, context):
         subscriber = self.engine.results.subscribe()

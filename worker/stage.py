@@ -16,11 +16,21 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from pomona.errors import ModelError
 
+from .experts import (
+    DistributedSwitchGLU,
+    ExpertHost,
+    ExpertStats,
+    ExpertTable,
+    SafetensorsIndex,
+    keep_experts,
+)
 from .families import FamilyAdapter, adapter_for
+from .families.base import child
 
 ProgressFn = Callable[[float, str], None]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -91,7 +101,8 @@ def _evaluate_with_progress(stage: StageModel, progress: ProgressFn) -> None:
     progress(1.0, "shard loaded")
 
 
-def _load_directory(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
+def _lazy_model(path: Path) -> tuple[nn.Module, FamilyAdapter, str]:
+    """The whole model with lazy weights: nothing is read from disk until evaluated."""
     from mlx_lm.utils import load_model
 
     architecture = _read_architecture(path)
@@ -100,9 +111,69 @@ def _load_directory(path: Path, start: int, end: int, is_first: bool, is_last: b
         model, _ = load_model(path, lazy=True, strict=True)
     except (FileNotFoundError, ValueError) as error:
         raise ModelError(f"cannot load the checkpoint at {path}: {error}") from error
+    return model, adapter, architecture
+
+
+def _load_directory(
+    path: Path, start: int, end: int, is_first: bool, is_last: bool, plan: ExpertPlan | None
+) -> StageModel:
+    model, adapter, architecture = _lazy_model(path)
     _check_layer_range(adapter.num_layers(model), start, end, path)
     adapter.keep_only(model, start, end, is_first, is_last)
+    if plan is not None:
+        _distribute_experts(model, adapter, path, range(start, end), plan)
     return StageModel(model, adapter, architecture, start, end, is_first, is_last)
+
+
+class ExpertPlan:
+    """For a stage node: which experts of its MoE layers it holds, which other nodes hold the rest,
+    and the dispatcher (the engine) that reaches them."""
+
+    def __init__(self, held: dict[int, list[int]], remote: dict[int, dict[str, list[int]]], dispatcher):
+        self.held, self.remote, self.dispatcher = held, remote, dispatcher
+
+
+def _distribute_experts(model, adapter: FamilyAdapter, path: Path, layers, plan: ExpertPlan) -> None:
+    index = SafetensorsIndex(path)
+    for layer in layers:
+        module_path = adapter.expert_module_path(layer)
+        if module_path is None or layer not in plan.remote:
+            continue  # dense layer, or every expert is here
+        module = child(model, module_path)
+        if module is None:
+            raise ModelError(f"layer {layer} has no routed experts to distribute")
+        held = plan.held.get(layer, [])
+        table = ExpertTable(module.gate_proj.num_experts, held, plan.remote[layer])
+        if held:
+            keep_experts(module, module_path, index, held)
+        parent_path, _, name = module_path.rpartition(".")
+        child(model, parent_path)[name] = DistributedSwitchGLU(
+            layer, module if held else None, table, plan.dispatcher
+        )
+
+
+def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: ExpertStats) -> ExpertHost:
+    """The experts ``groups`` (layer -> expert ids) of the checkpoint at ``path``, and nothing else."""
+    path = Path(path).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ModelError(f"expert parallelism needs a checkpoint directory; {path} is not one")
+    model, adapter, _ = _lazy_model(path)
+    index = SafetensorsIndex(path)
+    modules = {}
+    for layer, ids in sorted(groups.items()):
+        module_path = adapter.expert_module_path(layer)
+        module = child(model, module_path) if module_path else None
+        if module is None:
+            raise ModelError(f"layer {layer} of {path} has no routed experts")
+        num_experts = module.gate_proj.num_experts
+        if not ids or min(ids) < 0 or max(ids) >= num_experts:
+            raise ModelError(f"expert ids {ids} are outside layer {layer}'s {num_experts} experts")
+        keep_experts(module, module_path, index, ids)
+        mx.eval(module.parameters())
+        local_index = np.full(num_experts, -1, dtype=np.int32)
+        local_index[ids] = np.arange(len(ids), dtype=np.int32)
+        modules[layer] = (module, local_index)
+    return ExpertHost(modules, stats)
 
 
 def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
@@ -145,13 +216,17 @@ def load_stage(
     is_first: bool,
     is_last: bool,
     progress: ProgressFn = lambda fraction, message: None,
+    experts: ExpertPlan | None = None,
 ) -> StageModel:
-    """Load layers ``[start, end)`` of the model at ``model_path`` (a GGUF file or a directory)."""
+    """Load layers ``[start, end)`` of the model at ``model_path`` (a GGUF file or a directory);
+    with ``experts``, only the routed experts the plan gives this node."""
     path = Path(model_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        if experts is not None and experts.remote:
+            raise ModelError("expert parallelism needs a checkpoint directory, not a GGUF file")
         stage = _load_gguf(path, start, end, is_first, is_last)
     elif path.is_dir() and (path / "config.json").is_file():
-        stage = _load_directory(path, start, end, is_first, is_last)
+        stage = _load_directory(path, start, end, is_first, is_last, experts)
     else:
         raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
     _evaluate_with_progress(stage, progress)

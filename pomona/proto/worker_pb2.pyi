@@ -53,7 +53,7 @@ class NodeInfo(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., mlx_device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count")
+    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,10 @@ class LoadShardRequest(_message.Message):
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -70,7 +74,31 @@ class LoadShardRequest(_message.Message):
     next_address: str
     stage_index: int
     stage_count: int
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ...) -> None: ...
+    node_name: str
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
+    remote_experts: _containers.RepeatedCompositeFieldContainer[RemoteExperts]
+    experts_only: bool
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ...) -> None: ...
+
+class ExpertGroup(_message.Message):
+    __slots__ = ("layer", "expert_ids")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RemoteExperts(_message.Message):
+    __slots__ = ("layer", "node", "address", "expert_ids")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    node: str
+    address: str
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., node: _Optional[str] = ..., address: _Optional[str] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("fraction", "message", "done", "error", "parameter_bytes", "rss_bytes")
@@ -193,6 +221,60 @@ class ForwardReply(_message.Message):
 class ResultsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("layer", "hidden", "pair_rows", "pair_experts")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    hidden: Tensor
+    pair_rows: _containers.RepeatedScalarFieldContainer[int]
+    pair_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExpertReply(_message.Message):
+    __slots__ = ("output", "error")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    output: Tensor
+    error: str
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ExpertStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerExpertTokens(_message.Message):
+    __slots__ = ("layer", "expert_ids", "tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LinkTraffic(_message.Message):
+    __slots__ = ("node", "dispatches", "bytes_sent", "bytes_received")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    dispatches: int
+    bytes_sent: int
+    bytes_received: int
+    def __init__(self, node: _Optional[str] = ..., dispatches: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class ExpertStatsReply(_message.Message):
+    __slots__ = ("layers", "links")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerExpertTokens]
+    links: _containers.RepeatedCompositeFieldContainer[LinkTraffic]
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerExpertTokens, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkTraffic, _Mapping]]] = ...) -> None: ...
 
 class PingMessage(_message.Message):
     __slots__ = ("payload",)

@@ -69,6 +69,16 @@ class WorkerStub:
                 request_serializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
                 _registered_method=True)
+        self.Experts = channel.stream_stream(
+                '/pomona.v1.Worker/Experts',
+                request_serializer=pomona_dot_proto_dot_worker__pb2.ExpertRequest.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.ExpertReply.FromString,
+                _registered_method=True)
+        self.ExpertStats = channel.unary_unary(
+                '/pomona.v1.Worker/ExpertStats',
+                request_serializer=pomona_dot_proto_dot_worker__pb2.ExpertStatsRequest.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.ExpertStatsReply.FromString,
+                _registered_method=True)
         self.Ping = channel.stream_stream(
                 '/pomona.v1.Worker/Ping',
                 request_serializer=pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
@@ -129,6 +139,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Experts(self, request_iterator, context):
+        """Run (token, expert) pairs of a MoE layer on the experts this node holds, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExpertStats(self, request, context):
+        """Expert load statistics: tokens per layer and expert, bytes per dispatch link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Ping(self, request_iterator, context):
         """Echo every message back on the same stream: round-trip time and bandwidth of a link.
         """
@@ -173,6 +197,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.FromString,
                     response_serializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.SerializeToString,
+            ),
+            'Experts': grpc.stream_stream_rpc_method_handler(
+                    servicer.Experts,
+                    request_deserializer=pomona_dot_proto_dot_worker__pb2.ExpertRequest.FromString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.ExpertReply.SerializeToString,
+            ),
+            'ExpertStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpertStats,
+                    request_deserializer=pomona_dot_proto_dot_worker__pb2.ExpertStatsRequest.FromString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.ExpertStatsReply.SerializeToString,
             ),
             'Ping': grpc.stream_stream_rpc_method_handler(
                     servicer.Ping,
@@ -369,6 +403,60 @@ class Worker:
             '/pomona.v1.Worker/Results',
             pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
             pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Experts(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pomona.v1.Worker/Experts',
+            pomona_dot_proto_dot_worker__pb2.ExpertRequest.SerializeToString,
+            pomona_dot_proto_dot_worker__pb2.ExpertReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpertStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Worker/ExpertStats',
+            pomona_dot_proto_dot_worker__pb2.ExpertStatsRequest.SerializeToString,
+            pomona_dot_proto_dot_worker__pb2.ExpertStatsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,11 +14,16 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 
-def _child(module: nn.Module, dotted: str) -> nn.Module | None:
+def child(module: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at a dotted path ("model.layers.3.mlp"), or None where there is none."""
     for part in dotted.split("."):
-        if module is None or part not in module:
+        if isinstance(module, list):
+            index = int(part)
+            module = module[index] if index < len(module) else None
+        elif isinstance(module, nn.Module) and part in module:
+            module = module[part]
+        else:
             return None
-        module = module[part]
     return module
 
 
@@ -27,12 +32,19 @@ class FamilyAdapter:
 
     backbone_path = "model"  # module with .layers, .embed_tokens, .norm
     head_path = "lm_head"  # output projection, absent when embeddings are tied
+    expert_path: str | None = None  # within a layer: the routed experts' module (MoE families)
 
     def backbone(self, model: nn.Module) -> nn.Module:
-        return _child(model, self.backbone_path)
+        return child(model, self.backbone_path)
 
     def tied_embeddings(self, model: nn.Module) -> bool:
         return bool(getattr(model.args, "tie_word_embeddings", False))
+
+    def expert_module_path(self, layer: int) -> str | None:
+        """Dotted path of layer ``layer``'s routed-expert module (it may not exist: dense layer)."""
+        if self.expert_path is None:
+            return None
+        return f"{self.backbone_path}.layers.{layer}.{self.expert_path}"
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.backbone(model).layers)
@@ -51,7 +63,7 @@ class FamilyAdapter:
         if not is_last:
             del backbone["norm"]
             parent, _, name = self.head_path.rpartition(".")
-            owner = _child(model, parent) if parent else model
+            owner = child(model, parent) if parent else model
             if owner is not None and name in owner:
                 del owner[name]
 
@@ -62,7 +74,7 @@ class FamilyAdapter:
         hidden = self.backbone(model).norm(hidden)
         if self.tied_embeddings(model):
             return self.backbone(model).embed_tokens.as_linear(hidden)
-        return _child(model, self.head_path)(hidden)  # [B, L, vocab]
+        return child(model, self.head_path)(hidden)  # [B, L, vocab]
 
     def make_cache(self, model: nn.Module, layer_index: int) -> Any:
         return KVCache()

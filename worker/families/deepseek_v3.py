@@ -6,6 +6,7 @@ from .base import FamilyAdapter
 
 
 class DeepseekV3Adapter(FamilyAdapter):
+    expert_path = "mlp.switch_mlp"  # the SwitchGLU a MoE layer calls after routing
     def tied_embeddings(self, model) -> bool:
         return False  # DeepSeek-V3 always has its own lm_head
 

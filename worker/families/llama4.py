@@ -13,6 +13,7 @@ def _is_chunked(layer_index: int) -> bool:
 
 
 class Llama4Adapter(FamilyAdapter):
+    expert_path = "feed_forward.experts"  # the SwitchGLU a MoE layer calls after routing
     backbone_path = "language_model.model"
     head_path = "language_model.lm_head"
 

@@ -4,4 +4,4 @@ from .base import FamilyAdapter
 
 
 class MixtralAdapter(FamilyAdapter):
-    pass
+    expert_path = "block_sparse_moe.switch_mlp"  # the SwitchGLU a MoE layer calls after routing

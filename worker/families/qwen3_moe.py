@@ -4,4 +4,4 @@ from .base import FamilyAdapter
 
 
 class Qwen3MoeAdapter(FamilyAdapter):
-    pass
+    expert_path = "mlp.switch_mlp"  # the SwitchGLU a MoE layer calls after routing

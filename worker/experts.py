@@ -1,0 +1,251 @@
+"""Expert parallelism on the worker: routed experts of MoE layers held by several nodes.
+
+Each family's routing code stays mlx-lm's own: only the expert module (mlx-lm's ``SwitchGLU``,
+called as ``experts(x, indices)`` after routing) is replaced on the stage node by a
+``DistributedSwitchGLU``. Per call it evaluates the routing, sends every token's hidden state once
+to each node holding one of its chosen experts (all nodes at once), runs the local experts
+meanwhile, and puts each (token, expert) output where the original module would have: the
+family's own code then weights and sums them exactly as the reference does.
+
+Nodes load only the experts they hold: the stacked expert tensors (and the scales and biases of
+quantized checkpoints) are read row by row straight from the safetensors files, so the other
+experts' bytes are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import struct
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from pomona.errors import ModelError
+from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.proto import worker_pb2, worker_pb2_grpc
+
+from .wire import decode_tensor, encode_tensor
+
+log = logging.getLogger(__name__)
+
+DISPATCH_TIMEOUT_S = 120.0
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
+           "I32": np.int32, "U8": np.uint8}  # fmt: skip
+
+
+class SafetensorsIndex:
+    """Where each tensor of a checkpoint directory lies on disk, read from the files' headers."""
+
+    def __init__(self, directory: Path):
+        self.tensors: dict[str, tuple[Path, str, list[int], int]] = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with open(path, "rb") as file:
+                (length,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(length))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start = 8 + length + entry["data_offsets"][0]
+                    self.tensors[name] = (path, entry["dtype"], entry["shape"], start)
+
+    def read_rows(self, name: str, rows: list[int]) -> mx.array:
+        """Rows (along axis 0) of a stacked tensor, reading only their bytes."""
+        if name not in self.tensors:
+            raise ModelError(
+                f"the checkpoint has no tensor {name}: expert parallelism needs stacked expert "
+                "tensors as mlx-lm writes them (convert the model with mlx_lm.convert)"
+            )
+        path, dtype, shape, start = self.tensors[name]
+        numpy_dtype = _DTYPES[dtype]
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(numpy_dtype).itemsize
+        with open(path, "rb") as file:
+            chunks = []
+            for row in rows:
+                file.seek(start + row * row_bytes)
+                chunks.append(np.frombuffer(file.read(row_bytes), dtype=numpy_dtype))
+        array = mx.array(np.stack(chunks).reshape(len(rows), *shape[1:]))
+        return array.view(mx.bfloat16) if dtype == "BF16" else array
+
+
+def keep_experts(module: nn.Module, module_path: str, index: SafetensorsIndex, ids: list[int]):
+    """Replace a SwitchGLU's stacked (lazy) parameters by the rows of the experts ``ids``."""
+    for projection_name, projection in module.children().items():
+        if not isinstance(projection, nn.Module):
+            continue
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in projection:
+                projection[name] = index.read_rows(f"{module_path}.{projection_name}.{name}", ids)
+
+
+class ExpertStats:
+    """Tokens computed per (layer, expert) on this node, and traffic per dispatch link."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.tokens: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.links: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+
+    def count_tokens(self, layer: int, experts: np.ndarray) -> None:
+        ids, counts = np.unique(experts, return_counts=True)
+        with self._lock:
+            for expert, count in zip(ids.tolist(), counts.tolist()):
+                self.tokens[layer][expert] += count
+
+    def count_link(self, node: str, sent: int, received: int) -> None:
+        with self._lock:
+            entry = self.links[node]
+            entry[0] += 1
+            entry[1] += sent
+            entry[2] += received
+
+    def to_proto(self) -> worker_pb2.ExpertStatsReply:
+        with self._lock:
+            reply = worker_pb2.ExpertStatsReply()
+            for layer in sorted(self.tokens):
+                counts = self.tokens[layer]
+                ids = sorted(counts)
+                reply.layers.add(layer=layer, expert_ids=ids, tokens=[counts[i] for i in ids])
+            for node in sorted(self.links):
+                dispatches, sent, received = self.links[node]
+                reply.links.add(
+                    node=node, dispatches=dispatches, bytes_sent=sent, bytes_received=received
+                )
+            return reply
+
+
+class ExpertLink:
+    """A persistent stream to one expert node; requests and replies in order."""
+
+    def __init__(self, node: str, address: str, notify: queue.SimpleQueue):
+        self.node, self.address = node, address
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._notify = notify
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._responses = stub.Experts(iter(self._outbox.get, None), wait_for_ready=True)
+        threading.Thread(target=self._read, name=f"experts-{node}", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self._responses:
+                self.replies.put(reply)
+                self._notify.put(None)  # wake the engine if it waits for this reply
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                failure = worker_pb2.ExpertReply(error=f"link to {self.node} broke: {error.details()}")
+                self.replies.put(failure)
+                self._notify.put(None)
+
+    def send(self, request: worker_pb2.ExpertRequest) -> None:
+        self._outbox.put(request)
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._channel.close()
+
+
+class ExpertTable:
+    """Which holder computes each expert of a layer: this node or one of its links."""
+
+    def __init__(self, num_experts: int, local_ids: list[int], remote: dict[str, list[int]]):
+        self.local_index = np.full(num_experts, -1, dtype=np.int32)
+        self.local_index[local_ids] = np.arange(len(local_ids), dtype=np.int32)
+        self.holders: list[list[str]] = [[] for _ in range(num_experts)]
+        for node, ids in remote.items():
+            for expert in ids:
+                self.holders[expert].append(node)
+        self.nodes = sorted(remote)
+        missing = [e for e in range(num_experts) if self.local_index[e] < 0 and not self.holders[e]]
+        if missing:
+            raise ModelError(f"experts {missing} are held by no node")
+        self._calls = 0
+
+    def owners(self, experts: np.ndarray) -> np.ndarray:
+        """Per pair: -1 for a local expert, else the index of the node (in ``nodes``) that runs it.
+        Replicas take turns call by call."""
+        self._calls += 1
+        owner = np.full(experts.shape, -1, dtype=np.int32)
+        for position, expert in enumerate(experts.tolist()):
+            if self.local_index[expert] < 0:
+                holders = self.holders[expert]
+                owner[position] = self.nodes.index(holders[self._calls % len(holders)])
+        return owner
+
+
+class DistributedSwitchGLU(nn.Module):
+    """Drop-in for mlx-lm's SwitchGLU whose experts live on several nodes."""
+
+    def __init__(self, layer: int, local: nn.Module | None, table: ExpertTable, dispatcher):
+        super().__init__()
+        self.layer = layer
+        if local is not None:
+            self.local = local  # mlx-lm's SwitchGLU holding only this node's experts
+        self._table = table
+        self._dispatcher = dispatcher
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        k, width = indices.shape[-1], x.shape[-1]
+        flat = x.reshape(-1, width)  # [tokens, D]
+        experts = np.array(indices.reshape(-1)).astype(np.int32)  # [tokens * k]: routing decided
+        rows = np.repeat(np.arange(flat.shape[0], dtype=np.int32), k)
+        owner = self._table.owners(experts)
+        sent = []
+        for node_index, node in enumerate(self._table.nodes):
+            pairs = np.nonzero(owner == node_index)[0]
+            if pairs.size:
+                # Each token once per destination node, however many of its experts are there.
+                tokens, pair_rows = np.unique(rows[pairs], return_inverse=True)
+                request = worker_pb2.ExpertRequest(
+                    layer=self.layer,
+                    hidden=encode_tensor(flat[mx.array(tokens)]),
+                    pair_rows=pair_rows.astype(np.int32).tolist(),
+                    pair_experts=experts[pairs].tolist(),
+                )
+                self._dispatcher.send(node, request)
+                sent.append((node, pairs, request.hidden.ByteSize()))
+        parts = []
+        local_pairs = np.nonzero(owner < 0)[0]
+        if local_pairs.size:  # runs while the remote nodes work
+            local_ids = mx.array(self._table.local_index[experts[local_pairs]])[:, None]
+            output = self.local(flat[mx.array(rows[local_pairs])], local_ids)[:, 0]  # [pairs, D]
+            mx.eval(output)
+            parts.append((local_pairs, output))
+            self._dispatcher.stats.count_tokens(self.layer, experts[local_pairs])
+        for node, pairs, sent_bytes in sent:
+            reply = self._dispatcher.receive(node)
+            parts.append((pairs, decode_tensor(reply.output)))
+            self._dispatcher.stats.count_link(node, sent_bytes, reply.output.ByteSize())
+        combined = mx.zeros((experts.size, width), dtype=x.dtype)
+        for pairs, output in parts:
+            combined[mx.array(pairs)] = output.astype(x.dtype)
+        return combined.reshape(*indices.shape, width)  # [..., k, D] like SwitchGLU
+
+
+class ExpertHost:
+    """The experts this node holds for MoE layers that other nodes run."""
+
+    def __init__(self, modules: dict[int, tuple[nn.Module, np.ndarray]], stats: ExpertStats):
+        self.modules = modules  # layer -> (SwitchGLU with the held experts, global -> local id)
+        self.stats = stats
+
+    def compute(self, request: worker_pb2.ExpertRequest) -> worker_pb2.ExpertReply:
+        if request.layer not in self.modules:
+            return worker_pb2.ExpertReply(error=f"this node holds no experts of layer {request.layer}")
+        module, local_index = self.modules[request.layer]
+        experts = np.array(request.pair_experts, dtype=np.int32)
+        local = local_index[experts]
+        if (local < 0).any():
+            missing = sorted(set(experts[local < 0].tolist()))
+            return worker_pb2.ExpertReply(error=f"experts {missing} of layer {request.layer} not held")
+        hidden = decode_tensor(request.hidden)  # [tokens, D]
+        rows = mx.array(np.array(request.pair_rows, dtype=np.int32))
+        output = module(hidden[rows], mx.array(local)[:, None])[:, 0]  # [pairs, D]
+        self.stats.count_tokens(request.layer, experts)
+        return worker_pb2.ExpertReply(output=encode_tensor(output))
