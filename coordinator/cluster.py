@@ -20,7 +20,7 @@ from pomona.config import ClusterConfig, NodeConfig
 from pomona.errors import PomonaError
 from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.modelinfo import ModelInfo, describe_model
-from pomona.placement import Placement, StagePlacement, plan_placement
+from pomona.placement import Placement, plan_placement
 from pomona.proto import worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
 
@@ -101,21 +101,23 @@ class Cluster:
         }
         self.placement = plan_placement(self.config, self.model, capacities)
         self.state, self.message = "loading", "loading shards"
-        await _gather_all(self._load(stage) for stage in self.placement.stages)
-        for stage in self.placement.stages:
-            self._tasks.append(asyncio.create_task(self._consume_results(stage.node)))
-        first = self.nodes[self.placement.stages[0].node]
-        self._first_stage_call = first.stub.Forward(wait_for_ready=True)
-        generation = self.config.generation
         self.router = RequestRouter(
             tokenizer,
             RequestLimits(
                 context_length=self.model.context_length,
-                default_max_tokens=generation.max_tokens,
-                prefill_chunk_tokens=generation.prefill_chunk_tokens,
+                default_max_tokens=self.config.generation.max_tokens,
+                prefill_chunk_tokens=self.config.generation.prefill_chunk_tokens,
             ),
             self._send_to_first_stage,
         )
+        await _gather_all(self._load(node) for node in self.placement.nodes)
+        subscribed = [asyncio.Event() for _ in self.placement.stages]
+        for stage, event in zip(self.placement.stages, subscribed):
+            self._tasks.append(asyncio.create_task(self._consume_results(stage.node, event)))
+        # Tokens published before a subscription would be lost: wait until all are in place.
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in subscribed)), LOAD_TIMEOUT_S)
+        first = self.nodes[self.placement.stages[0].node]
+        self._first_stage_call = first.stub.Forward(wait_for_ready=True)
         self.state, self.message = "ready", "ready"
 
     async def _bring_up(self, state: NodeState) -> None:
@@ -127,31 +129,53 @@ class Cluster:
         state.stub = worker_pb2_grpc.WorkerStub(state.channel)
         state.state = "up"
 
-    def _stage_request(self, stage: StagePlacement, index: int) -> worker_pb2.LoadShardRequest:
-        stages = self.placement.stages
-        next_stage = stages[(index + 1) % len(stages)]
-        return worker_pb2.LoadShardRequest(
-            model_path=str(self.model.path),
-            layer_start=stage.layers.start,
-            layer_end=stage.layers.end,
-            is_first=stage.is_first,
-            is_last=stage.is_last,
-            next_address=self.nodes[next_stage.node].config.address,
-            stage_index=index,
-            stage_count=len(stages),
-        )
+    def _load_request(self, node: str) -> worker_pb2.LoadShardRequest:
+        """What ``node`` loads: its stage (if any) and the routed experts the placement gives it."""
+        placement, experts = self.placement, self.placement.experts
+        request = worker_pb2.LoadShardRequest(model_path=str(self.model.path), node_name=node)
+        own_layers: range = range(0)
+        stage_nodes = [stage.node for stage in placement.stages]
+        if node in stage_nodes:
+            index = stage_nodes.index(node)
+            stage = placement.stages[index]
+            next_stage = placement.stages[(index + 1) % len(placement.stages)]
+            own_layers = range(stage.layers.start, stage.layers.end)
+            request.layer_start, request.layer_end = stage.layers.start, stage.layers.end
+            request.is_first, request.is_last = stage.is_first, stage.is_last
+            request.next_address = self.nodes[next_stage.node].config.address
+            request.stage_index, request.stage_count = index, len(placement.stages)
+        else:
+            request.experts_only = True
+        for layer in sorted(experts):
+            held = experts.experts_on(node, layer)
+            if layer not in own_layers:
+                if held:
+                    request.experts.add(layer=layer, expert_ids=held)
+                continue
+            others = [n for n in experts.nodes if n != node and experts.experts_on(n, layer)]
+            if not others:
+                continue  # every expert of this layer is here: the layer runs as mlx-lm's own
+            request.experts.add(layer=layer, expert_ids=held)
+            for other in others:
+                request.remote_experts.add(
+                    layer=layer,
+                    node=other,
+                    address=self.nodes[other].config.address,
+                    expert_ids=experts.experts_on(other, layer),
+                )
+        return request
 
-    async def _load(self, stage: StagePlacement) -> None:
-        index = self.placement.stages.index(stage)
-        state = self.nodes[stage.node]
+    async def _load(self, node: str) -> None:
+        state = self.nodes[node]
         state.state = "loading"
-        request = self._stage_request(stage, index)
+        request = self._load_request(node)
+        what = f"layers [{request.layer_start}, {request.layer_end})"
+        if request.experts_only:
+            what = "its experts"
         async for progress in state.stub.LoadShard(request, timeout=LOAD_TIMEOUT_S):
             if progress.error:
                 state.state = "failed"
-                raise PomonaError(
-                    f"node {stage.node!r} could not load layers {stage.layers}: {progress.error}"
-                )
+                raise PomonaError(f"node {node!r} could not load {what}: {progress.error}")
             state.load_fraction = progress.fraction
             if progress.done:
                 state.parameter_bytes = progress.parameter_bytes
@@ -164,10 +188,13 @@ class Cluster:
         async with self._send_lock:  # one writer at a time on the stream
             await self._first_stage_call.write(message)
 
-    async def _consume_results(self, node_name: str) -> None:
+    async def _consume_results(self, node_name: str, subscribed: asyncio.Event) -> None:
         stub = self.nodes[node_name].stub
         try:
             async for event in stub.Results(worker_pb2.ResultsRequest()):
+                if not event.request_id:
+                    subscribed.set()
+                    continue
                 self.router.dispatch(event)
         except grpc.aio.AioRpcError as error:
             if self.state == "ready":
@@ -180,6 +207,13 @@ class Cluster:
     async def worker_status(self, node_name: str) -> worker_pb2.WorkerStatus | None:
         try:
             return await self.nodes[node_name].stub.Status(worker_pb2.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def expert_stats(self, node_name: str) -> worker_pb2.ExpertStatsReply | None:
+        try:
+            request = worker_pb2.ExpertStatsRequest()
+            return await self.nodes[node_name].stub.ExpertStats(request, timeout=5)
         except grpc.aio.AioRpcError:
             return None
 

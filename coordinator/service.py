@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from pomona.errors import PomonaError
+from pomona.placement import expert_groups
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc
 
 from .cluster import Cluster
@@ -46,27 +47,30 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             num_layers=cluster.model.num_layers if cluster.model else 0,
             active_requests=cluster.router.active_requests if cluster.router else 0,
         )
-        stages = cluster.placement.stages if cluster.placement else ()
+        placement = cluster.placement
+        names = placement.nodes if placement else ()
         live = {}
         if request.include_workers and cluster.state == "ready":
-            replies = await asyncio.gather(*(cluster.worker_status(s.node) for s in stages))
-            live = dict(zip((s.node for s in stages), replies))
-        for stage in stages:
-            node = cluster.nodes[stage.node]
+            replies = await asyncio.gather(*(cluster.worker_status(name) for name in names))
+            live = dict(zip(names, replies))
+        stages = {stage.node: stage for stage in placement.stages} if placement else {}
+        for name in names:
+            node, stage = cluster.nodes[name], stages.get(name)
             info = coordinator_pb2.StageInfo(
-                node=stage.node,
+                node=name,
                 address=node.config.address,
-                layer_start=stage.layers.start,
-                layer_end=stage.layers.end,
-                is_first=stage.is_first,
-                is_last=stage.is_last,
+                layer_start=stage.layers.start if stage else 0,
+                layer_end=stage.layers.end if stage else 0,
+                is_first=bool(stage and stage.is_first),
+                is_last=bool(stage and stage.is_last),
+                experts_only=stage is None,
                 parameter_bytes=node.parameter_bytes,
                 rss_bytes=node.rss_bytes,
                 memory_total_bytes=node.info.memory_total_bytes if node.info else 0,
                 state=node.state,
                 load_fraction=node.load_fraction,
             )
-            worker = live.get(stage.node)
+            worker = live.get(name)
             if request.include_workers and cluster.state == "ready":
                 if worker is None:
                     info.state = "unreachable"
@@ -74,7 +78,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     info.rss_bytes = worker.rss_bytes
                     info.active_requests = worker.active_requests
             status.stages.append(info)
+        if placement is not None:
+            for node, layer, ids in expert_groups(placement.experts):
+                status.expert_groups.add(node=node, layer=layer, expert_ids=ids)
         return status
+
+    async def GetExpertStats(self, request, context):
+        cluster = self.cluster
+        if cluster.state != "ready":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the cluster is {cluster.state}")
+        names = cluster.placement.nodes
+        replies = await asyncio.gather(*(cluster.expert_stats(name) for name in names))
+        result = coordinator_pb2.ClusterExpertStats()
+        for name, reply in zip(names, replies):
+            if reply is not None:
+                result.nodes.add(node=name, stats=reply)
+        return result
 
     async def StopCluster(self, request, context):
         self._stop_event.set()

@@ -20,9 +20,10 @@ import grpc
 import psutil
 
 from pomona.config import load_cluster_config
+from pomona.display import expert_stats_lines, placement_lines
 from pomona.errors import PomonaError
 from pomona.grpc_options import CHANNEL_OPTIONS
-from pomona.placement import format_bytes, validate_stages
+from pomona.placement import validate_experts, validate_stages
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 STATE_DIR = Path(".pomona")
@@ -98,17 +99,7 @@ def _stop_everything(state: dict, state_dir: Path) -> None:
 
 
 def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
-    print(f"model: {status.model} ({status.architecture}, {status.num_layers} layers)")
-    print(f"{'node':<10} {'address':<22} {'layers':<12} {'weights':>10} {'rss':>10}  role")
-    for stage in status.stages:
-        role = "+".join(
-            r for r, on in (("embed", stage.is_first), ("head", stage.is_last)) if on
-        )
-        layers = f"[{stage.layer_start}, {stage.layer_end})"
-        print(
-            f"{stage.node:<10} {stage.address:<22} {layers:<12} "
-            f"{format_bytes(stage.parameter_bytes):>10} {format_bytes(stage.rss_bytes):>10}  {role}"
-        )
+    print("\n".join(placement_lines(status)))
 
 
 def cmd_up(args) -> int:
@@ -130,6 +121,7 @@ def cmd_up(args) -> int:
     model = describe_model(config.model)
     if config.stages:
         validate_stages(config.stages, model.num_layers)
+    validate_experts(config.experts, model, node_names=[node.name for node in config.nodes])
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "logs" / "coordinator.log"
     with open(log_path, "ab") as log:
@@ -208,6 +200,12 @@ def cmd_generate(args) -> int:
 
 def cmd_status(args) -> int:
     state = _running_cluster(args.state_dir)
+    if args.experts:
+        stats = _stub(state["address"]).GetExpertStats(
+            coordinator_pb2.ExpertStatsQuery(), timeout=20
+        )
+        print("\n".join(expert_stats_lines(stats)))
+        return 0
     status = _stub(state["address"]).GetStatus(
         coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
     )
@@ -264,6 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     status = commands.add_parser("status", help="show the cluster, its placement and memory")
+    status.add_argument("--experts", action="store_true", help="expert load statistics")
     status.set_defaults(run=cmd_status)
     down = commands.add_parser("down", help="stop everything `up` started")
     down.set_defaults(run=cmd_down)

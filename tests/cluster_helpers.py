@@ -46,6 +46,7 @@ def write_cluster_yaml(
     model: str | Path,
     node_count: int,
     stages: Sequence[tuple[int, int]] | None = None,
+    experts: Sequence[dict] | None = None,
     **extra,
 ) -> Path:
     ports = free_ports(node_count + 1)
@@ -63,6 +64,8 @@ def write_cluster_yaml(
         config["placement"] = {
             "stages": [{"node": n, "layers": list(r)} for n, r in zip(names, stages)]
         }
+    if experts is not None:
+        config.setdefault("placement", {})["experts"] = list(experts)
     path = directory / "cluster.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -95,6 +98,9 @@ class ClusterClient:
         )
         chunks = list(self.stub.Generate(request, timeout=600))
         return chunks[-1].summary
+
+    def expert_stats(self) -> coordinator_pb2.ClusterExpertStats:
+        return self.stub.GetExpertStats(coordinator_pb2.ExpertStatsQuery(), timeout=20)
 
     def status(self) -> coordinator_pb2.ClusterStatus:
         return self.stub.GetStatus(
@@ -134,10 +140,11 @@ def running_cluster(
     model: str | Path,
     node_count: int,
     stages: Sequence[tuple[int, int]] | None = None,
+    experts: Sequence[dict] | None = None,
     **extra,
 ) -> Iterator[ClusterClient]:
     directory.mkdir(parents=True, exist_ok=True)
-    config_path = write_cluster_yaml(directory, model, node_count, stages, **extra)
+    config_path = write_cluster_yaml(directory, model, node_count, stages, experts, **extra)
     pids: list[int] = []
     try:
         up = pomona("up", str(config_path), cwd=directory)

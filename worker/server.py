@@ -173,6 +173,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Results(self, request, context):
         subscriber = self.engine.results.subscribe()
+        yield worker_pb2.TokenEvent()  # "subscribed": events from now on reach this stream
         try:
             while context.is_active():
                 try:

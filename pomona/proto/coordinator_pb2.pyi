@@ -68,7 +68,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self, include_workers: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction")
+    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class StageInfo(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     layer_start: int
@@ -93,10 +94,21 @@ class StageInfo(_message.Message):
     active_requests: int
     state: str
     load_fraction: float
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ...) -> None: ...
+    experts_only: bool
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ...) -> None: ...
+
+class ExpertGroupInfo(_message.Message):
+    __slots__ = ("node", "layer", "expert_ids")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, node: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message")
+    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message", "expert_groups")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +117,7 @@ class ClusterStatus(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_GROUPS_FIELD_NUMBER: _ClassVar[int]
     state: str
     error: str
     model: str
@@ -113,7 +126,26 @@ class ClusterStatus(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     active_requests: int
     message: str
-    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    expert_groups: _containers.RepeatedCompositeFieldContainer[ExpertGroupInfo]
+    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ..., expert_groups: _Optional[_Iterable[_Union[ExpertGroupInfo, _Mapping]]] = ...) -> None: ...
+
+class ExpertStatsQuery(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeExpertStats(_message.Message):
+    __slots__ = ("node", "stats")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    stats: _worker_pb2.ExpertStatsReply
+    def __init__(self, node: _Optional[str] = ..., stats: _Optional[_Union[_worker_pb2.ExpertStatsReply, _Mapping]] = ...) -> None: ...
+
+class ClusterExpertStats(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeExpertStats]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeExpertStats, _Mapping]]] = ...) -> None: ...
 
 class StopClusterRequest(_message.Message):
     __slots__ = ()

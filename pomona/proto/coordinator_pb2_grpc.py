@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=pomona_dot_proto_dot_coordinator__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=pomona_dot_proto_dot_coordinator__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.GetExpertStats = channel.unary_unary(
+                '/pomona.v1.Coordinator/GetExpertStats',
+                request_serializer=pomona_dot_proto_dot_coordinator__pb2.ExpertStatsQuery.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_coordinator__pb2.ClusterExpertStats.FromString,
+                _registered_method=True)
         self.StopCluster = channel.unary_unary(
                 '/pomona.v1.Coordinator/StopCluster',
                 request_serializer=pomona_dot_proto_dot_coordinator__pb2.StopClusterRequest.SerializeToString,
@@ -68,6 +73,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpertStats(self, request, context):
+        """Expert load statistics from every node: tokens per MoE layer and expert, bytes per link.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StopCluster(self, request, context):
         """Stop every worker and then the coordinator.
         """
@@ -87,6 +99,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=pomona_dot_proto_dot_coordinator__pb2.ClusterStatusRequest.FromString,
                     response_serializer=pomona_dot_proto_dot_coordinator__pb2.ClusterStatus.SerializeToString,
+            ),
+            'GetExpertStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpertStats,
+                    request_deserializer=pomona_dot_proto_dot_coordinator__pb2.ExpertStatsQuery.FromString,
+                    response_serializer=pomona_dot_proto_dot_coordinator__pb2.ClusterExpertStats.SerializeToString,
             ),
             'StopCluster': grpc.unary_unary_rpc_method_handler(
                     servicer.StopCluster,
@@ -148,6 +165,33 @@ class Coordinator:
             '/pomona.v1.Coordinator/GetStatus',
             pomona_dot_proto_dot_coordinator__pb2.ClusterStatusRequest.SerializeToString,
             pomona_dot_proto_dot_coordinator__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpertStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Coordinator/GetExpertStats',
+            pomona_dot_proto_dot_coordinator__pb2.ExpertStatsQuery.SerializeToString,
+            pomona_dot_proto_dot_coordinator__pb2.ClusterExpertStats.FromString,
             options,
             channel_credentials,
             insecure,
