@@ -145,7 +145,7 @@ def validate_experts(
         outside = [e for e in spec.experts if not 0 <= e < model.num_experts]
         if outside:
             raise PlacementError(
-                f"{this}: expert ids {', '.join(map(str, sorted(set(outside))))} are outside the "
+                f"{this}: expert ids {format_ids(outside)} are outside the "
                 f"model's range: each MoE layer has {model.num_experts} experts, ids 0 to "
                 f"{model.num_experts - 1}; {_HINT}"
             )

@@ -60,6 +60,46 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return make_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("moe") / "deepseek")
+
+
+def _moe_yaml(expert_entry: str, node_b: str = "") -> str:
+    return (
+        "model: {moe}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n  - "
+        + _node("a", "p1") + "\n  - {{name: b, host: 127.0.0.1, port: {p2}" + node_b + "}}\n"
+        "placement:\n  stages: [{{node: a, layers: [0, 4]}}]\n  experts: [" + expert_entry + "]\n"
+    )
+
+
+# Expert placement mistakes: each caught before any weights load.
+EXPERT_CASES = [
+    ("expert-id-out-of-range", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 99]}}"),
+     "expert ids 8-98 are outside"),
+    ("dense-layer-listed", _moe_yaml("{{node: b, layers: [0, 1], experts: [0, 2]}}"),
+     "layer 0 is a dense layer"),
+    ("unknown-expert-node", _moe_yaml("{{node: zz, layers: [1, 4], experts: [0, 2]}}"),
+     "unknown node 'zz'"),
+    ("experts-do-not-fit", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 8]}}",
+                                      ", memory_gb: 0.000001"), "does not fit"),
+    ("expert-node-unreachable", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 4]}}",
+                                           ", launch: manual"), "did not answer within"),
+]
+
+
+@pytest.mark.parametrize("name,template,expected", EXPERT_CASES, ids=[c[0] for c in EXPERT_CASES])
+def test_bad_expert_placement(tmp_path, moe_dir, name, template, expected):
+    p0, p1, p2 = free_ports(3)
+    (tmp_path / "cluster.yaml").write_text(template.format(moe=moe_dir, p0=p0, p1=p1, p2=p2))
+    result = pomona("up", "cluster.yaml", cwd=tmp_path, timeout_s=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert _processes_using(str(tmp_path)) == []
+    assert all(_processes_using(f"--port {p}") == [] for p in (p1, p2))
+
+
 def _processes_using(marker: str) -> list[int]:
     found = []
     for process in psutil.process_iter(["pid", "cmdline"]):
