@@ -1,4 +1,4 @@
-"""The ``pomona`` command line: up, generate, status, down, fetch, worker.
+"""The ``pomona`` command line: up, generate, status, down, fetch, upcycle, worker.
 
 ``up`` starts the coordinator in the background (it launches the workers) and records it in
 ``.pomona/cluster.json`` in the current directory; the other commands find the cluster there.
@@ -233,6 +233,23 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_upcycle(args) -> int:
+    from pomona.fetch import fetch_default_model
+    from worker.upcycle import upcycle  # imports MLX: only this command pays for it
+
+    out_dir = upcycle(
+        fetch_default_model(quiet=False), args.out_dir,
+        num_experts=args.experts, top_k=args.top_k, noise=args.noise, seed=args.seed,
+    )
+    size_mb = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
+    print(out_dir)
+    print(
+        f"mixtral-format MoE from the default model: {args.experts} experts per layer, "
+        f"top-{args.top_k}, noise {args.noise}, seed {args.seed}, {size_mb:.0f} MB"
+    )
+    return 0
+
+
 def cmd_worker(args) -> int:
     os.execv(sys.executable, [sys.executable, "-m", "worker", "--host", args.host,
                               "--port", str(args.port)])
@@ -268,6 +285,16 @@ def _parser() -> argparse.ArgumentParser:
     down.set_defaults(run=cmd_down)
     fetch = commands.add_parser("fetch", help="download the default model into the cache")
     fetch.set_defaults(run=cmd_fetch)
+    upcycle = commands.add_parser(
+        "upcycle", help="build a demo MoE checkpoint from the default model (sparse upcycling)"
+    )
+    upcycle.add_argument("out_dir", type=Path, help="the checkpoint directory to write")
+    upcycle.add_argument("--experts", type=int, default=8, help="experts per layer")
+    upcycle.add_argument("--top-k", type=int, default=2, help="experts chosen per token")
+    upcycle.add_argument("--noise", type=float, default=0.05,
+                         help="relative perturbation of each expert copy (0: identical experts)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the router and the noise")
+    upcycle.set_defaults(run=cmd_upcycle)
     worker = commands.add_parser("worker", help="run a worker for a `launch: manual` node")
     worker.add_argument("--host", default="0.0.0.0")
     worker.add_argument("--port", type=int, required=True)

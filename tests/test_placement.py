@@ -279,7 +279,7 @@ VALIDATE_EXPERTS = [
         "id-out-of-range",
         ("b", (0, 4), [6, 7, 8, 9]),
         moe_model(),
-        "placement.experts[0] (node 'b', layers [0, 4)): expert ids 8, 9 are outside the model's "
+        "placement.experts[0] (node 'b', layers [0, 4)): expert ids 8-9 are outside the model's "
         "range: each MoE layer has 8 experts, ids 0 to 7",
     ),
     ("id-negative", ("b", (0, 4), [-1]), moe_model(), "expert ids -1 are outside"),
