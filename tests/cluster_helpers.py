@@ -120,14 +120,14 @@ def assert_all_gone(pids: Sequence[int], timeout_s: float = 20) -> None:
     deadline = time.monotonic() + timeout_s
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if is_running(p)]
         time.sleep(0.1)
     for pid in alive:  # never leave a process behind, even on failure
         psutil.Process(pid).kill()
     assert not alive, f"processes outlived `pomona down`: {alive}"
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 
-import psutil
 import pytest
-from cluster_helpers import running_cluster
+from cluster_helpers import cluster_pids, is_running, running_cluster
 from layouts import LAYOUTS, PROMPT
 from tiny_models import FAMILIES, make_tiny_checkpoint, reference_generate
 
@@ -108,19 +107,10 @@ def test_stop_string_cancels_and_frees(checkpoints, tmp_path):
 
 def test_no_process_outlives_a_failing_test(checkpoints, tmp_path):
     """`running_cluster` tears everything down even when the test body raises."""
-    from cluster_helpers import cluster_pids
-
     seen: list[int] = []
     with pytest.raises(RuntimeError, match="test body failed"):
         with running_cluster(tmp_path, checkpoints["llama"], 2, LAYOUTS["llama"][2]):
             seen.extend(cluster_pids(tmp_path))
             raise RuntimeError("test body failed")
     assert len(seen) == 3  # coordinator and two workers were running
-    assert not [pid for pid in seen if psutil.pid_exists(pid) and _not_zombie(pid)]
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert not [pid for pid in seen if is_running(pid)]
