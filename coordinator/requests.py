@@ -106,6 +106,7 @@ class RequestRouter:
         self._queues[request_id] = queue
         stream = TextStream(self.tokenizer.decode, list(request.stop))
         finish_reason = ""
+        pipeline_finished = False  # the last stage ended the request (EOS or max tokens)
         first_token_at = last_token_at = 0.0
         try:
             start = worker_pb2.StartRequest(
@@ -128,18 +129,13 @@ class RequestRouter:
                     raise PomonaError(f"generation failed: {event.error}")
                 last_token_at = time.perf_counter()
                 first_token_at = first_token_at or last_token_at
-                is_eos = event.finish_reason == "stop"
-                text = stream.push(event.token_id, final=bool(event.finish_reason))
-                if stream.stopped:
-                    finish_reason = "stop"
-                else:
-                    finish_reason = event.finish_reason
-                if is_eos or stream.stopped or event.finish_reason:
-                    text += stream.finish()
+                pipeline_finished = bool(event.finish_reason)
+                text = stream.push(event.token_id, final=pipeline_finished)
+                finish_reason = "stop" if stream.stopped else event.finish_reason
                 yield coordinator_pb2.GenerateChunk(text=text, token_ids=[event.token_id])
         finally:
             del self._queues[request_id]
-            if finish_reason != "length" and not (finish_reason == "stop" and not stream.stopped):
+            if not pipeline_finished:
                 # The pipeline is still generating (stop string, error, client gone): stop it.
                 cancel = worker_pb2.StageMessage(
                     request_id=request_id, cancel=worker_pb2.CancelRequest()

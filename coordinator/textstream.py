@@ -33,10 +33,6 @@ class TextStream:
         self.token_ids.append(token_id)
         return self._release(self._decode(self.token_ids), final)
 
-    def finish(self) -> str:
-        """Release whatever is held back (the request ended without more tokens)."""
-        return self._release(self._decode(self.token_ids), final=True)
-
     def _release(self, full: str, final: bool) -> str:
         if self.stopped:
             return ""
