@@ -39,7 +39,8 @@ class NextStageLink:
             return
         error = call.exception()
         if error is not None:
-            log.error("stream to the next stage at %s broke: %s", self.address, error)
+            # Expected while a cluster shuts down (stages stop one by one); a failure otherwise.
+            log.warning("stream to the next stage at %s closed: %s", self.address, error.details())
 
     def send(self, message: worker_pb2.StageMessage) -> None:
         self._queue.put(message)
