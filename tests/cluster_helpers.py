@@ -47,6 +47,7 @@ def write_cluster_yaml(
     node_count: int,
     stages: Sequence[tuple[int, int]] | None = None,
     experts: Sequence[dict] | None = None,
+    node_overrides: Sequence[dict] | None = None,
     **extra,
 ) -> Path:
     ports = free_ports(node_count + 1)
@@ -60,6 +61,8 @@ def write_cluster_yaml(
         ],
         **extra,
     }
+    for node, override in zip(config["nodes"], node_overrides or ()):
+        node.update({k: v for k, v in override.items() if k != "name"})
     if stages is not None:
         config["placement"] = {
             "stages": [{"node": n, "layers": list(r)} for n, r in zip(names, stages)]
@@ -141,10 +144,13 @@ def running_cluster(
     node_count: int,
     stages: Sequence[tuple[int, int]] | None = None,
     experts: Sequence[dict] | None = None,
+    node_overrides: Sequence[dict] | None = None,
     **extra,
 ) -> Iterator[ClusterClient]:
     directory.mkdir(parents=True, exist_ok=True)
-    config_path = write_cluster_yaml(directory, model, node_count, stages, experts, **extra)
+    config_path = write_cluster_yaml(
+        directory, model, node_count, stages, experts, node_overrides, **extra
+    )
     pids: list[int] = []
     try:
         up = pomona("up", str(config_path), cwd=directory)

@@ -84,3 +84,20 @@ def test_expert_parallel_concurrent_requests(checkpoints, tmp_path):
             futures = [pool.submit(cluster.generate, p, raw=True, max_tokens=8) for p in prompts]
             together = [list(f.result(timeout=300).token_ids) for f in futures]
         assert together == alone
+
+
+def test_automatic_spreading_when_experts_do_not_fit(checkpoints, tmp_path):
+    """No `experts:` list, but the stage node's memory holds only part of its experts: the
+    planner moves whole experts to nodes with room, and the output is still the reference's."""
+    path = checkpoints["mixtral"]
+    info = describe_model(str(path))
+    non_expert = info.total_bytes - sum(info.expert_bytes) * info.num_experts
+    room = non_expert + sum(info.expert_bytes) * info.num_experts // 2  # about half the experts
+    nodes = [{"name": "a", "memory_gb": room / 2**30}, {"name": "b"}, {"name": "c"}]
+    prompt_ids = load_tokenizer(path).encode(PROMPT)
+    expected = reference_generate(path, prompt_ids, NEW_TOKENS)
+    with running_cluster(tmp_path, path, 3, [[0, info.num_layers]], node_overrides=nodes) as cluster:
+        groups = cluster.status().expert_groups
+        assert {g.node for g in groups} - {"a"}, "no expert moved off the stage node"
+        summary = cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS)
+        assert list(summary.token_ids) == expected
