@@ -222,8 +222,12 @@ class StageEngine:
         if self.stage is None:
             self._fail(request_id, "this worker has no shard loaded")
             return
+        self._guarded(request_id, lambda: getattr(self, f"_on_{kind}")(request_id, getattr(message, kind)))
+
+    def _guarded(self, request_id: str, work: Callable[[], None]) -> None:
+        """Run a request's work; a failure fails that request alone (reported, caches freed)."""
         try:
-            getattr(self, f"_on_{kind}")(request_id, getattr(message, kind))
+            work()
         except Exception as error:
             log.exception("request %s failed on stage %d", request_id, self.stage_index)
             self._fail(request_id, f"stage {self.stage_index}: {type(error).__name__}: {error}")
@@ -286,14 +290,8 @@ class StageEngine:
         state.position += count
         self._step(request_id, state, mx.array([ids], dtype=mx.int32), sample)
         if not sample:  # requeue, so that other requests' steps run between chunks
-            self._jobs.put((lambda: self._guarded_prefill(request_id), None))
-
-    def _guarded_prefill(self, request_id: str) -> None:
-        try:
-            self._prefill_chunk(request_id)
-        except Exception as error:
-            log.exception("prefill of %s failed", request_id)
-            self._fail(request_id, f"stage 0: {type(error).__name__}: {error}")
+            next_chunk = lambda: self._guarded(request_id, lambda: self._prefill_chunk(request_id))  # noqa: E731
+            self._jobs.put((next_chunk, None))
 
     def _step(self, request_id: str, state: RequestState, inputs: mx.array, sample: bool) -> None:
         hidden = self.stage.forward(inputs, state.caches)  # [1, L, D]
