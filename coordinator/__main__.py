@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("cluster.yaml"))
     parser.add_argument("--state-dir", type=Path, default=Path(".pomona"))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(message)s")
     try:
         return asyncio.run(run(args.config, args.state_dir))
     except PomonaError as error:

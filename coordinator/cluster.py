@@ -2,7 +2,9 @@
 shards, wire the data plane, and take it all down again.
 
 Bring-up order: describe the model (no MLX: file headers only) -> launch every node -> wait until
-each answers ``Describe`` (bounded) -> plan the placement from the nodes' memory -> load all shards
+each answers ``Describe`` (bounded) -> measure every node's compute, power and memory and every
+link (``coordinator.profiling``) -> place: explicit stages, or the planner's choice for the
+objective (``pomona.planner``) -> load all shards
 concurrently, streaming progress -> subscribe to every worker's token events -> open the stream to
 stage 0. Any failure tears down whatever was started.
 """
@@ -11,20 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from pomona.config import ClusterConfig, NodeConfig
+from pomona.costmodel import Prediction, predict
 from pomona.errors import PomonaError
 from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.modelinfo import ModelInfo, describe_model
-from pomona.placement import Placement, plan_placement
+from pomona.placement import Placement, check_fit, plan_experts, plan_placement
+from pomona.planner import Plan, PlanOption, baselines, plan
+from pomona.profiles import ClusterProfile, Workload
 from pomona.proto import worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
 
+from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
+from .profiling import NodeMeasurement, profile_cluster
 from .requests import RequestLimits, RequestRouter
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 LAUNCHED_NODE_TIMEOUT_S = 90.0
 MANUAL_NODE_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 1800.0
+DEFAULT_MAX_CONTEXT = 4096  # KV budget per stream when generation.max_context is not set
 
 
 async def _gather_all(awaitables) -> None:
@@ -51,7 +59,7 @@ class NodeState:
     info: worker_pb2.NodeInfo | None = None
     channel: grpc.aio.Channel | None = None
     stub: worker_pb2_grpc.WorkerStub | None = None
-    state: str = "starting"  # starting, loading, ready, failed
+    state: str = "starting"  # starting, profiled, loading, ready, failed
     load_fraction: float = 0.0
     parameter_bytes: int = 0
     rss_bytes: int = 0
@@ -61,13 +69,22 @@ class NodeState:
 class Cluster:
     config: ClusterConfig
     log_dir: Path
-    state: str = "starting"  # starting, loading, ready, failed, stopping
+    state: str = "starting"  # starting, profiled, loading, ready, failed, stopping
     error: str = ""
     message: str = ""
     model: ModelInfo | None = None
     placement: Placement | None = None
     router: RequestRouter | None = None
     nodes: dict[str, NodeState] = field(default_factory=dict)
+    # The scheduler's inputs and outputs (set during bring-up).
+    profile: ClusterProfile | None = None
+    measurements: dict[str, NodeMeasurement] = field(default_factory=dict)
+    objective: str = ""
+    prediction: Prediction | None = None
+    left_out: dict[str, str] = field(default_factory=dict)
+    baselines: tuple[PlanOption, ...] = ()
+    energy: EnergyAccount | None = None
+    plan: Plan | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _first_stage_call: grpc.aio.StreamUnaryCall | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -93,13 +110,8 @@ class Cluster:
         self.nodes = {node.name: NodeState(node) for node in self.config.nodes}
         self.message = f"starting {len(self.nodes)} nodes"
         await _gather_all(self._bring_up(state) for state in self.nodes.values())
-        capacities = {
-            name: int(state.config.memory_gb * 2**30)
-            if state.config.memory_gb
-            else state.info.memory_available_bytes
-            for name, state in self.nodes.items()
-        }
-        self.placement = plan_placement(self.config, self.model, capacities)
+        await self._measure()
+        self._place()
         self.state, self.message = "loading", "loading shards"
         self.router = RequestRouter(
             tokenizer,
@@ -118,7 +130,70 @@ class Cluster:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in subscribed)), LOAD_TIMEOUT_S)
         first = self.nodes[self.placement.stages[0].node]
         self._first_stage_call = first.stub.Forward(wait_for_ready=True)
+        powers = {name: self.profile.node(name).power for name in self.placement.nodes}
+        self.energy = EnergyAccount(powers, self.worker_status, lambda: self.router.tokens_produced)
+        self.router.energy = self.energy
+        self.energy.origin = await self.energy.snapshot()
         self.state, self.message = "ready", "ready"
+
+    async def _measure(self) -> None:
+        """Profile every node's compute and power and every link (see coordinator.profiling)."""
+        self.state, self.message = "profiling", "measuring compute, power and links"
+        infos = {name: state.info for name, state in self.nodes.items()}
+        stubs = {name: state.stub for name, state in self.nodes.items()}
+
+        def on_node(name: str, measurement: NodeMeasurement) -> None:
+            how = "from its cache" if measurement.cached else f"in {measurement.elapsed_s:.1f} s"
+            self.message = f"node {name!r} profiled {how}"
+            self.nodes[name].state = "profiled"
+
+        self.profile, self.measurements = await profile_cluster(
+            self.config, self.model, infos, stubs, on_node
+        )
+
+    def _place(self) -> None:
+        """Explicit stages from cluster.yaml, or the planner's choice for the objective."""
+        settings, generation = self.config.scheduler, self.config.generation
+        workload = Workload(settings.prompt_tokens, settings.generated_tokens, settings.concurrency)
+        max_context = generation.max_context or min(self.model.context_length, DEFAULT_MAX_CONTEXT)
+        kv_tokens = max_context * settings.concurrency
+        capacities = {node.name: node.memory_bytes for node in self.profile.nodes}
+        if self.config.stages is not None:
+            placement = plan_placement(self.config, self.model, capacities)
+            prediction = predict(self.model, placement, self.profile, workload)
+            chosen = PlanOption("explicit", placement, prediction, "placement.stages in cluster.yaml")
+            self.plan = Plan(
+                chosen,
+                "explicit",
+                workload,
+                baselines=baselines(self.model, self.profile, workload, kv_tokens),
+            )
+        else:
+            self.plan = plan(
+                self.model, self.profile, workload, settings.objective, settings.slack, kv_tokens
+            )
+            if self.config.experts:  # explicit expert groups on the planned stages
+                stages = self.plan.chosen.placement.stages
+                placement = Placement(stages, plan_experts(self.config, self.model, stages, capacities))
+                check_fit(self.model, placement, capacities)
+                prediction = predict(self.model, placement, self.profile, workload)
+                chosen = replace(self.plan.chosen, placement=placement, prediction=prediction)
+                self.plan = replace(self.plan, chosen=chosen)
+        self.placement = self.plan.chosen.placement
+        self.objective, self.prediction = self.plan.objective, self.plan.chosen.prediction
+        self.left_out, self.baselines = self.plan.left_out, self.plan.baselines
+
+    async def measure_and_plan(self) -> Plan:
+        """`pomona plan`: start the nodes, measure, plan, and stop them again; nothing loads."""
+        try:
+            self.model = await asyncio.to_thread(describe_model, self.config.model)
+            self.nodes = {node.name: NodeState(node) for node in self.config.nodes}
+            await _gather_all(self._bring_up(state) for state in self.nodes.values())
+            await self._measure()
+            self._place()
+            return self.plan
+        finally:
+            await self.stop()
 
     async def _bring_up(self, state: NodeState) -> None:
         node = state.config

@@ -94,9 +94,7 @@ class WorkerProcess:
 
 
 class _LocalWorker(WorkerProcess):
-    def __init__(
-        self, node: NodeConfig, log_path: Path, process: asyncio.subprocess.Process
-    ) -> None:
+    def __init__(self, node: NodeConfig, log_path: Path, process: asyncio.subprocess.Process) -> None:
         super().__init__(node, log_path)
         self._process = process
 
@@ -109,9 +107,7 @@ class _LocalWorker(WorkerProcess):
         try:
             await asyncio.wait_for(self._process.wait(), timeout_s)
         except TimeoutError:
-            log.warning(
-                "node %r: worker ignored EOF for %g s; killing it", self.node.name, timeout_s
-            )
+            log.warning("node %r: worker ignored EOF for %g s; killing it", self.node.name, timeout_s)
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
             await asyncio.wait_for(self._process.wait(), KILL_WAIT_S)
@@ -167,9 +163,7 @@ class _SshWorker(WorkerProcess):
                 self._process.stdin.write_eof()  # sshd closes the worker's stdin: it exits
             done, _ = await asyncio.wait({self._watch}, timeout=timeout_s)
             if not done:
-                log.warning(
-                    "node %r: worker ignored EOF for %g s; killing it", self.node.name, timeout_s
-                )
+                log.warning("node %r: worker ignored EOF for %g s; killing it", self.node.name, timeout_s)
                 await self._kill_remote()
                 await asyncio.wait({self._watch}, timeout=KILL_WAIT_S)
         self._connection.close()
@@ -203,9 +197,7 @@ async def launch_worker(node: NodeConfig, log_dir: Path) -> WorkerProcess | None
         return await _launch_local(node, log_path)
     if node.launch == "ssh":
         return await _launch_ssh(node, log_path)
-    raise PomonaError(
-        f"node {node.name!r}: unknown launch mode {node.launch!r}; use local, ssh or manual"
-    )
+    raise PomonaError(f"node {node.name!r}: unknown launch mode {node.launch!r}; use local, ssh or manual")
 
 
 def _worker_command(node: NodeConfig, python: str) -> list[str]:

@@ -56,6 +56,8 @@ class RequestRouter:
         self._send = send_to_first_stage
         self._queues: dict[str, asyncio.Queue] = {}
         self._background: set[asyncio.Task] = set()
+        self.tokens_produced = 0  # every token of every request, for sharing energy out
+        self.energy = None  # an EnergyAccount once the cluster is ready
 
     @property
     def active_requests(self) -> int:
@@ -65,6 +67,8 @@ class RequestRouter:
         """Route a worker's token event to its request (events of finished requests are dropped)."""
         queue = self._queues.get(event.request_id)
         if queue is not None:
+            if not event.error:
+                self.tokens_produced += 1
             queue.put_nowait(event)
 
     def fail_all(self, reason: str) -> None:
@@ -108,6 +112,8 @@ class RequestRouter:
         finish_reason = ""
         pipeline_finished = False  # the last stage ended the request (EOS or max tokens)
         first_token_at = last_token_at = 0.0
+        # The energy snapshot runs alongside the prompt's way into the pipeline, not before it.
+        energy_start = asyncio.ensure_future(self.energy.snapshot()) if self.energy else None
         try:
             start = worker_pb2.StartRequest(
                 prompt_token_ids=prompt,
@@ -137,17 +143,22 @@ class RequestRouter:
             del self._queues[request_id]
             if not pipeline_finished:
                 # The pipeline is still generating (stop string, error, client gone): stop it.
-                cancel = worker_pb2.StageMessage(
-                    request_id=request_id, cancel=worker_pb2.CancelRequest()
-                )
+                cancel = worker_pb2.StageMessage(request_id=request_id, cancel=worker_pb2.CancelRequest())
                 # Not awaited: this also runs when the client is gone and the task is cancelled.
                 task = asyncio.ensure_future(self._send(cancel))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
         generated = len(stream.token_ids)
         decode_s = last_token_at - first_token_at
+        energy_j, energy_source = 0.0, ""
+        if energy_start is not None:
+            start_snapshot, end_snapshot = await energy_start, await self.energy.snapshot()
+            energy_j, energy_source = self.energy.request_energy(start_snapshot, end_snapshot, generated)
         yield coordinator_pb2.GenerateChunk(
             summary=coordinator_pb2.GenerateSummary(
+                energy_j=energy_j,
+                j_per_token=energy_j / generated if generated else 0.0,
+                energy_source=energy_source,
                 finish_reason=finish_reason,
                 prompt_tokens=len(prompt),
                 generated_tokens=generated,

@@ -1,4 +1,4 @@
-"""The ``pomona`` command line: up, generate, status, down, fetch, upcycle, worker.
+"""The ``pomona`` command line: up, plan, generate, status, down, fetch, upcycle, worker.
 
 ``up`` starts the coordinator in the background (it launches the workers) and records it in
 ``.pomona/cluster.json`` in the current directory; the other commands find the cluster there.
@@ -19,8 +19,14 @@ from pathlib import Path
 import grpc
 import psutil
 
-from pomona.config import load_cluster_config
-from pomona.display import expert_stats_lines, placement_lines
+from pomona.config import OBJECTIVES, load_cluster_config
+from pomona.display import (
+    expert_stats_lines,
+    placement_lines,
+    prediction_lines,
+    scheduler_lines,
+    status_json,
+)
 from pomona.errors import PomonaError
 from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.placement import validate_experts, validate_stages
@@ -162,8 +168,57 @@ def cmd_up(args) -> int:
         process.wait(timeout=5)
         raise CliError(f"the cluster did not come up: {reason}")
     print(f"cluster ready; coordinator at {config.coordinator.address}")
-    _print_placement(stub.GetStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5))
+    status = stub.GetStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)
+    _print_placement(status)
+    print("\n".join(prediction_lines(status)))
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Measure the cluster (or simulate one) and print the plan; nothing loads."""
+    from pomona.plan_report import plan_json, plan_lines
+
+    if args.simulate:
+        plan_, profile = _simulated_plan(args)
+    else:
+        import asyncio
+        from dataclasses import replace
+
+        from coordinator.cluster import Cluster
+
+        config = load_cluster_config(args.file)
+        if args.objective:
+            config = replace(config, scheduler=replace(config.scheduler, objective=args.objective))
+        if _read_state(args.state_dir) is not None:
+            raise CliError("a cluster is running here; `pomona plan` starts its own nodes: run "
+                           "`pomona down` first (or plan from another directory)")
+        (args.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not args.json:
+            print(f"measuring {len(config.nodes)} nodes and their links ...", flush=True)
+        cluster = Cluster(config=config, log_dir=args.state_dir / "logs")
+        plan_ = asyncio.run(cluster.measure_and_plan())
+        profile = cluster.profile
+    if args.json:
+        print(json.dumps(plan_json(plan_, profile), indent=2))
+    else:
+        print("\n".join(plan_lines(plan_)))
+    return 0
+
+
+def _simulated_plan(args):
+    from pomona.planner import plan
+    from pomona.profiles import Workload
+    from pomona.shapes import builtin_model
+    from pomona.simulate import load_simulation_spec
+
+    if not args.model:
+        raise CliError("--simulate needs --model NAME (a built-in model shape)")
+    shape = builtin_model(args.model)
+    profile = load_simulation_spec(args.simulate, shape)
+    workload = Workload(args.prompt_tokens, args.generated_tokens, args.concurrency)
+    objective = args.objective or "balanced"
+    kv_tokens = args.max_context * args.concurrency
+    return plan(shape.info, profile, workload, objective, args.slack, kv_tokens), profile
 
 
 def cmd_generate(args) -> int:
@@ -192,6 +247,9 @@ def cmd_generate(args) -> int:
             "finish_reason": summary.finish_reason,
             "ttft_s": round(summary.ttft_s, 6),
             "decode_tok_s": round(summary.decode_tok_s, 3),
+            "energy_j": round(summary.energy_j, 6),
+            "j_per_token": round(summary.j_per_token, 6),
+            "energy_source": summary.energy_source,
         }))
     else:
         print()
@@ -209,9 +267,13 @@ def cmd_status(args) -> int:
     status = _stub(state["address"]).GetStatus(
         coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
     )
+    if args.json:
+        print(json.dumps(status_json(status), indent=2))
+        return 0
     print(f"state: {status.state}" + (f" ({status.error})" if status.error else ""))
     print(f"active requests: {status.active_requests}")
     _print_placement(status)
+    print("\n".join(prediction_lines(status) + scheduler_lines(status)))
     return 0
 
 
@@ -278,8 +340,25 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
     generate.set_defaults(run=cmd_generate)
 
+    plan = commands.add_parser(
+        "plan", help="measure the cluster and show the placement the scheduler would choose"
+    )
+    plan.add_argument("file", nargs="?", default="cluster.yaml")
+    plan.add_argument("--objective", choices=OBJECTIVES, help="default: cluster.yaml's, or balanced")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--simulate", metavar="SPEC.yaml", type=Path,
+                      help="plan for a hypothetical cluster of catalogue Macs instead")
+    plan.add_argument("--model", help="with --simulate: a built-in model shape")
+    plan.add_argument("--prompt-tokens", type=int, default=512, help="with --simulate")
+    plan.add_argument("--generated-tokens", type=int, default=256, help="with --simulate")
+    plan.add_argument("--concurrency", type=int, default=1, help="with --simulate")
+    plan.add_argument("--max-context", type=int, default=4096, help="with --simulate: KV budget")
+    plan.add_argument("--slack", type=float, default=0.1, help="with --simulate: balanced slack")
+    plan.set_defaults(run=cmd_plan)
+
     status = commands.add_parser("status", help="show the cluster, its placement and memory")
     status.add_argument("--experts", action="store_true", help="expert load statistics")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(run=cmd_status)
     down = commands.add_parser("down", help="stop everything `up` started")
     down.set_defaults(run=cmd_down)

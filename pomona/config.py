@@ -50,9 +50,7 @@ class SshConfig:
     port: int = 22
     key_file: str | None = None  # None: SSH's default keys and agent
     # None: host keys are NOT checked (the yaml said `known_hosts: null`).
-    known_hosts: str | None = field(
-        default_factory=lambda: str(Path(DEFAULT_KNOWN_HOSTS).expanduser())
-    )
+    known_hosts: str | None = field(default_factory=lambda: str(Path(DEFAULT_KNOWN_HOSTS).expanduser()))
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,34 @@ class NodeConfig:
     python: str | None  # interpreter on the node; None for launch == "manual"
     workdir: str | None
     env: dict[str, str] = field(default_factory=dict)
+    power: PowerSpec | None = None  # idle and busy watts for the estimate (no meter)
+    machine: str | None = None  # a catalogue name (pomona.catalogue): power and links estimate
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PowerSpec:
+    """A node's power draw for the estimate, from cluster.yaml `power: {idle_w, max_w}`."""
+
+    idle_w: float
+    max_w: float
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """How automatic placement chooses (`placement.objective`, `.slack`, `.workload`)."""
+
+    objective: str = "balanced"
+    slack: float = 0.1  # balanced: latency may be up to (1 + slack) x the best
+    prompt_tokens: int = 512
+    generated_tokens: int = 256
+    concurrency: int = 1
+
+
+OBJECTIVES = ("latency", "throughput", "energy", "balanced")
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,7 @@ class ExpertSpec:
 class GenerationDefaults:
     max_tokens: int = 256
     prefill_chunk_tokens: int = 256
+    max_context: int | None = None  # tokens of KV cache each stream may hold; None: the model's
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,7 @@ class ClusterConfig:
     stages: tuple[StageSpec, ...] | None  # None: placement is automatic
     generation: GenerationDefaults
     experts: tuple[ExpertSpec, ...] = ()  # empty: every expert stays on its layer's stage node
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -127,7 +151,19 @@ def is_loopback(host: str) -> bool:
 # --- the schema -------------------------------------------------------------------------------
 
 _TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation")
-_NODE_KEYS = ("name", "host", "port", "memory_gb", "launch", "ssh", "python", "workdir", "env")
+_NODE_KEYS = (
+    "name",
+    "host",
+    "port",
+    "memory_gb",
+    "launch",
+    "ssh",
+    "python",
+    "workdir",
+    "env",
+    "power",
+    "machine",
+)
 _SSH_KEYS = ("user", "port", "key_file", "known_hosts")
 
 
@@ -182,21 +218,22 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     )
     _check_unique(reader, nodes, nodes_value, coordinator)
 
-    stages, experts = None, ()
+    stages, experts, scheduler = None, (), SchedulerSettings()
     if root.get("placement") is not None:
-        stages, experts = _parse_placement(reader, root, nodes)
+        stages, experts, scheduler = _parse_placement(reader, root, nodes)
 
     generation = GenerationDefaults()
     if root.get("generation") is not None:
         block = reader.block(root, "generation", "")
-        reader.keys(block, "generation", ("max_tokens", "prefill_chunk_tokens"))
+        reader.keys(block, "generation", ("max_tokens", "prefill_chunk_tokens", "max_context"))
         generation = GenerationDefaults(
             max_tokens=reader.integer(block, "max_tokens", "generation", generation.max_tokens, 1),
             prefill_chunk_tokens=reader.integer(
                 block, "prefill_chunk_tokens", "generation", generation.prefill_chunk_tokens, 1
             ),
+            max_context=reader.integer(block, "max_context", "generation", None, 1),
         )
-    return ClusterConfig(file, model, coordinator, nodes, stages, generation, experts)
+    return ClusterConfig(file, model, coordinator, nodes, stages, generation, experts, scheduler)
 
 
 def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
@@ -215,9 +252,7 @@ def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
 
     launch = reader.string(block, "launch", path, "local" if is_loopback(host) else "ssh")
     if launch not in LAUNCH_MODES:
-        reader.bad(
-            block, "launch", path, f"must be one of {', '.join(LAUNCH_MODES)}, not {launch!r}"
-        )
+        reader.bad(block, "launch", path, f"must be one of {', '.join(LAUNCH_MODES)}, not {launch!r}")
 
     ssh = _parse_ssh(reader, block, path) if block.get("ssh") is not None else None
     if ssh is None and launch == "ssh":
@@ -232,15 +267,29 @@ def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
         env_block = reader.block(block, "env", path)
         for key, item in env_block.items():
             # Numbers are fine (OMP_NUM_THREADS: 1); bools and nulls are almost always a mistake.
-            if (
-                not isinstance(key, str)
-                or isinstance(item, bool)
-                or not isinstance(item, str | int | float)
-            ):
+            if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int | float):
                 problem = f"environment values must be strings, not {kind(item)}; quote it"
                 reader.bad(env_block, key, f"{path}.env", problem)
             env[key] = str(item)
-    return NodeConfig(name, host, port, memory_gb, launch, ssh, python, workdir, env)
+    power = None
+    if block.get("power") is not None:
+        power_block = reader.block(block, "power", path)
+        power_path = f"{path}.power"
+        reader.keys(power_block, power_path, ("idle_w", "max_w"), required=("idle_w", "max_w"))
+        idle_w = _number(reader, power_block, "idle_w", power_path)
+        max_w = _number(reader, power_block, "max_w", power_path)
+        if max_w < idle_w:
+            reader.bad(power_block, "max_w", power_path, f"must be at least idle_w ({idle_w} W)")
+        power = PowerSpec(idle_w, max_w)
+    machine = reader.string(block, "machine", path)
+    return NodeConfig(name, host, port, memory_gb, launch, ssh, python, workdir, env, power, machine)
+
+
+def _number(reader: Reader, block: LineMap, key: str, path: str, low: float = 0.0) -> float:
+    value = block[key]
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
+        reader.bad(block, key, path, f"must be a number of at least {low}, not {kind(value)}")
+    return float(value)
 
 
 def _parse_ssh(reader: Reader, node_block: LineMap, node_path: str) -> SshConfig:
@@ -251,9 +300,7 @@ def _parse_ssh(reader: Reader, node_block: LineMap, node_path: str) -> SshConfig
     known_hosts = DEFAULT_KNOWN_HOSTS
     if "known_hosts" in block:
         # An explicit null is the documented way to switch host key checking off.
-        known_hosts = (
-            None if block["known_hosts"] is None else reader.string(block, "known_hosts", path)
-        )
+        known_hosts = None if block["known_hosts"] is None else reader.string(block, "known_hosts", path)
     return SshConfig(
         user=reader.string(block, "user", path),
         port=reader.port(block, "port", path, 22),
@@ -299,14 +346,36 @@ def _parse_placement(
     reader: Reader, root: LineMap, nodes: tuple[NodeConfig, ...]
 ) -> tuple[tuple[StageSpec, ...] | None, tuple[ExpertSpec, ...]]:
     block = reader.block(root, "placement", "")
-    reader.keys(block, "placement", ("stages", "experts"))
-    if "stages" not in block and "experts" not in block:
-        problem = "needs `stages:`, `experts:` or both; omit `placement:` to place automatically"
+    reader.keys(block, "placement", ("stages", "experts", "objective", "slack", "workload"))
+    if not block:
+        problem = (
+            "needs `stages:`, `experts:`, `objective:` or `workload:`; omit `placement:` to "
+            "place automatically"
+        )
         reader.fail("placement", block.line, problem)
     names = [node.name for node in nodes]
     stages = _parse_stages(reader, block, names) if "stages" in block else None
     experts = _parse_experts(reader, block, names) if "experts" in block else ()
-    return stages, experts
+    return stages, experts, _parse_scheduler(reader, block)
+
+
+def _parse_scheduler(reader: Reader, block: LineMap) -> SchedulerSettings:
+    settings = SchedulerSettings()
+    objective = reader.string(block, "objective", "placement", settings.objective)
+    if objective not in OBJECTIVES:
+        close = difflib.get_close_matches(str(objective), OBJECTIVES, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else "use one of " + ", ".join(OBJECTIVES)
+        reader.bad(block, "objective", "placement", f"unknown objective {objective!r}; {hint}")
+    slack = _number(reader, block, "slack", "placement") if "slack" in block else settings.slack
+    workload = {}
+    if block.get("workload") is not None:
+        work = reader.block(block, "workload", "placement")
+        keys = ("prompt_tokens", "generated_tokens", "concurrency")
+        reader.keys(work, "placement.workload", keys)
+        workload = {
+            key: reader.integer(work, key, "placement.workload", getattr(settings, key), 1) for key in keys
+        }
+    return SchedulerSettings(objective, slack, **workload)
 
 
 def _check_node(reader: Reader, entry: LineMap, path: str, names: list[str]) -> str:
@@ -339,9 +408,7 @@ def _parse_stages(reader: Reader, block: LineMap, names: list[str]) -> tuple[Sta
     stages_value = block["stages"]
     if not isinstance(stages_value, LineList) or not stages_value:
         problem = "must be a non-empty list of `{node: NAME, layers: [START, END]}`"
-        reader.bad(
-            block, "stages", "placement", problem + "; omit `placement:` to place automatically"
-        )
+        reader.bad(block, "stages", "placement", problem + "; omit `placement:` to place automatically")
     used: dict[str, int] = {}
     stages = []
     for index, item in enumerate(stages_value):

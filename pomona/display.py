@@ -62,3 +62,58 @@ def expert_stats_lines(stats: coordinator_pb2.ClusterExpertStats) -> list[str]:
                 f"{format_bytes(link.bytes_sent)}, {format_bytes(link.bytes_received)}"
             )
     return lines
+
+
+def _prediction_text(p: coordinator_pb2.Prediction) -> str:
+    return (
+        f"decode {p.decode_tok_s:.2f} tok/s, TTFT {p.ttft_s:.3f} s, {p.j_per_token:.3f} J/token "
+        f"[{p.energy_basis}], bottleneck {p.bottleneck}"
+    )
+
+
+def prediction_lines(status: coordinator_pb2.ClusterStatus) -> list[str]:
+    """The scheduler's choice: objective, predicted figures, baselines, nodes left out."""
+    if not status.HasField("predicted"):
+        return []
+    lines = [f"placement: {status.objective}; predicted {_prediction_text(status.predicted)}"]
+    for option in status.baselines:
+        stages = " ".join(f"{s.node}[{s.layer_start},{s.layer_end})" for s in option.stages)
+        if option.HasField("predicted"):
+            p = option.predicted
+            lines.append(
+                f"  baseline {option.name:<8} {p.decode_tok_s:.2f} tok/s, TTFT {p.ttft_s:.3f} s, "
+                f"{p.j_per_token:.3f} J/token  {stages}"
+            )
+        else:
+            lines.append(f"  baseline {option.name:<8} infeasible ({option.note})")
+    for node in status.left_out:
+        lines.append(f"left out: {node.node}: {node.reason}")
+    return lines
+
+
+def scheduler_lines(status: coordinator_pb2.ClusterStatus) -> list[str]:
+    """Per stage: predicted vs measured compute per token, hop latency, power and energy."""
+    lines = [
+        f"{'node':<10} {'predicted ms':>12} {'measured ms':>12} {'hop ms':>8} {'power W':>8} "
+        f"{'energy J':>9}  power basis"
+    ]
+    for stage in status.stages:
+        measured = f"{stage.measured_compute_s * 1e3:.2f}" if stage.measured_compute_s else "-"
+        hop = f"{stage.hop_latency_s * 1e3:.3f}" if stage.next_node else "-"
+        lines.append(
+            f"{stage.node:<10} {stage.predicted_compute_s * 1e3:>12.2f} {measured:>12} {hop:>8} "
+            f"{stage.power_w:>8.1f} {stage.energy_j:>9.1f}  {stage.power_basis}"
+        )
+    if status.energy_basis:
+        lines.append(f"energy since up: {status.energy_j:.1f} J [{status.energy_basis}]")
+    return lines
+
+
+def status_json(status: coordinator_pb2.ClusterStatus) -> dict:
+    """`pomona status --json`: the cluster, every stage with its scheduler figures, predictions."""
+    from google.protobuf.json_format import MessageToDict
+
+    data = MessageToDict(
+        status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return data

@@ -20,7 +20,7 @@ The rules (`plan_experts`):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -198,14 +198,36 @@ def plan_experts(
     return ExpertMap(holders)
 
 
+def plan_experts_for_stages(
+    model: ModelInfo,
+    stages: Sequence[StagePlacement],
+    capacities_by_node: Mapping[str, int],
+    link_cost: Callable[[str, str], float],
+) -> ExpertMap:
+    """The scheduler's expert map: every expert on its layer's stage node, except where a stage
+    node's share does not fit its memory; then whole experts move, as in `plan_experts`, but to
+    the node with the cheapest link from the stage (`link_cost(stage_node, node)`, seconds) among
+    those with room, the roomiest first on a tie."""
+    if not model.is_moe:
+        return ExpertMap()
+    stage_of = {layer: stage.node for stage in stages for layer in stage.layers}
+    holders = {
+        layer: {e: (stage_of[layer],) for e in range(model.num_experts)} for layer in model.moe_layers
+    }
+    _spread(model, stages, holders, capacities_by_node, list(capacities_by_node), link_cost)
+    return ExpertMap(holders)
+
+
 def _spread(
     model: ModelInfo,
     stages: Sequence[StagePlacement],
     holders: dict[int, dict[int, tuple[str, ...]]],
     capacities: Mapping[str, int],
     order: list[str],
+    link_cost: Callable[[str, str], float] | None = None,
 ) -> None:
-    """Move whole experts off every stage node whose share exceeds its memory (in place)."""
+    """Move whole experts off every stage node whose share exceeds its memory (in place); to the
+    roomiest node, or with `link_cost`, to the one with the cheapest link from the stage node."""
     used = held_bytes(model, stages, holders)
     initial = dict(used)
 
@@ -227,7 +249,11 @@ def _spread(
                 if destination is None or free(destination) < size:
                     # Keep a layer's moved experts together: fewer nodes to dispatch to per token.
                     roomy = [n for n in order if n != node and free(n) >= size]
-                    destination = max(roomy, key=free) if roomy else None
+                    if link_cost is None:
+                        destination = max(roomy, key=free) if roomy else None
+                    else:
+                        key = lambda n: (link_cost(node, n), -free(n))  # noqa: E731
+                        destination = min(roomy, key=key) if roomy else None
                     if destination is None:
                         break
                 holders[layer][expert] = (destination,)

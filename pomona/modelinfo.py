@@ -70,6 +70,9 @@ class ModelInfo:
     num_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
     moe_layers: tuple[int, ...] = ()  # ascending
     expert_bytes: tuple[int, ...] = ()  # one routed expert of each layer; () = all dense
+    hidden_size: int = 0  # width of the hidden states that travel between stages (0: unknown)
+    experts_per_token: int = 0  # the router's top-k (0 for dense)
+    kv_bytes_per_token: int = 0  # KV cache bytes per token of context, per layer (float16 cache)
 
     def __post_init__(self) -> None:
         if not self.expert_bytes:
@@ -96,6 +99,24 @@ class ModelInfo:
     def non_expert_bytes(self, layer: int) -> int:
         """Bytes of layer `layer` without its routed experts (attention, router, shared experts)."""
         return self.layer_bytes[layer] - self.num_experts * self.expert_bytes[layer]
+
+
+def _shape_facts(config: dict) -> dict[str, int]:
+    """hidden_size, experts_per_token and kv_bytes_per_token from config.json-style keys."""
+    hidden = int(config.get("hidden_size") or 0)
+    heads = int(config.get("num_attention_heads") or 0)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+    if config.get("kv_lora_rank"):  # MLA (DeepSeek): mlx-lm caches the latent and the rope key
+        per_token = int(config["kv_lora_rank"]) + int(config.get("qk_rope_head_dim") or 0)
+    else:
+        per_token = 2 * kv_heads * head_dim
+    top_k = 0
+    for key in ("num_experts_per_tok", "num_experts_per_token", "moe_top_k"):
+        if isinstance(config.get(key), int):
+            top_k = config[key]
+            break
+    return {"hidden_size": hidden, "experts_per_token": top_k, "kv_bytes_per_token": 2 * per_token}
 
 
 def expert_module_path(architecture: str, layer: int) -> str:
@@ -208,6 +229,14 @@ def _describe_gguf(path: Path) -> ModelInfo:
     num_experts, moe_layers, expert_bytes = _experts(
         path, int(metadata.get(f"{arch}.expert_count", 0)), layer_expert_bytes
     )
+    facts = _shape_facts(
+        {
+            "hidden_size": metadata.get(f"{arch}.embedding_length"),
+            "num_attention_heads": metadata.get(f"{arch}.attention.head_count"),
+            "num_key_value_heads": metadata.get(f"{arch}.attention.head_count_kv"),
+            "num_experts_per_tok": metadata.get(f"{arch}.expert_used_count"),
+        }
+    )
     return ModelInfo(
         path=path,
         format="gguf",
@@ -221,6 +250,7 @@ def _describe_gguf(path: Path) -> ModelInfo:
         num_experts=num_experts,
         moe_layers=moe_layers,
         expert_bytes=expert_bytes,
+        **facts,
     )
 
 
@@ -309,6 +339,7 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
     num_experts, moe_layers, expert_bytes = _experts(
         config_path, counts[0] if counts else 0, layer_expert_bytes
     )
+    facts = _shape_facts(text)
     return ModelInfo(
         path=path,
         format="mlx",
@@ -322,4 +353,5 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
         num_experts=num_experts,
         moe_layers=moe_layers,
         expert_bytes=expert_bytes,
+        **facts,
     )

@@ -90,6 +90,9 @@ class StageEngine:
         self.expert_host: ExpertHost | None = None
         self.expert_links: dict[str, ExpertLink] = {}
         self.expert_stats = ExpertStats()
+        # Measured compute, for the scheduler's predicted-vs-measured view (`pomona status`).
+        self.busy_s = self.decode_busy_s = 0.0
+        self.decode_steps = 0
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
@@ -294,15 +297,27 @@ class StageEngine:
             self._jobs.put((next_chunk, None))
 
     def _step(self, request_id: str, state: RequestState, inputs: mx.array, sample: bool) -> None:
+        started = time.perf_counter()
         hidden = self.stage.forward(inputs, state.caches)  # [1, L, D]
         if not self._is_last:
-            activations = worker_pb2.Activations(hidden=encode_tensor(hidden), sample=sample)
+            encoded = encode_tensor(hidden)  # evaluates: the step's compute ends here
+            self._count_busy(started, inputs.shape[1] == 1)
+            activations = worker_pb2.Activations(hidden=encoded, sample=sample)
             self._forward(worker_pb2.StageMessage(request_id=request_id, activations=activations))
         elif sample:
             token = state.sampler(self.stage.logits(hidden))
+            self._count_busy(started, inputs.shape[1] == 1)
             self._emit_token(request_id, state, token)
         else:
             mx.eval(hidden)  # a prefill chunk: only the caches matter
+            self._count_busy(started, False)
+
+    def _count_busy(self, started: float, decode: bool) -> None:
+        elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
+        if decode:
+            self.decode_busy_s += elapsed
+            self.decode_steps += 1
 
     def _on_activations(self, request_id: str, activations: worker_pb2.Activations) -> None:
         state = self.requests.get(request_id)

@@ -18,11 +18,13 @@ import psutil
 from pomona import __version__
 from pomona.errors import PomonaError
 from pomona.grpc_options import SERVER_OPTIONS
+from pomona.power import detect_meter
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
 from .engine import StageEngine
 from .experts import DISPATCH_TIMEOUT_S, ExpertLink
 from .link import NextStageLink
+from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._link: NextStageLink | None = None
         self._loaded: worker_pb2.LoadShardRequest | None = None
         self._stop_server = stop_server
+        self._meter = None
+        self._meter_lock = threading.Lock()
 
     def Describe(self, request, context):
         memory = psutil.virtual_memory()
@@ -45,7 +49,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             pid=os.getpid(),
             mlx_device=str(mx.default_device()),
             version=__version__,
+            gpu_working_set_bytes=_gpu_working_set_bytes(),
         )
+
+    def Profile(self, request, context):
+        from .profiling import profile_node  # MLX-heavy: only when asked
+
+        job = self.engine.call(lambda: profile_node(request))
+        try:
+            return job.result(timeout=max(request.time_budget_s, 1.0) * 4 + 60)
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "profiling took too long on this node")
+        except PomonaError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
+    def MeasureLinks(self, request, context):
+        # Off the engine thread: the probe only waits on the network.
+        reply = worker_pb2.MeasureLinksReply()
+        for target in request.targets:
+            reply.links.append(
+                measure_link(
+                    target.name,
+                    target.address,
+                    request.small_bytes,
+                    request.large_bytes,
+                    request.small_rounds,
+                    request.large_rounds,
+                    request.timeout_s,
+                )
+            )
+        return reply
 
     def LoadShard(self, request, context):
         progress: queue.SimpleQueue = queue.SimpleQueue()
@@ -139,9 +172,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 rss_bytes=psutil.Process().memory_info().rss,
                 cache_bytes=self.engine.cache_bytes(),
                 model_path=self._loaded.model_path if self._loaded else "",
+                busy_s=self.engine.busy_s,
+                decode_busy_s=self.engine.decode_busy_s,
+                decode_steps=self.engine.decode_steps,
             )
 
-        return self.engine.call(snapshot).result(timeout=60)
+        status = self.engine.call(snapshot).result(timeout=60)
+        meter = self._power_meter()
+        if meter is not None:
+            try:
+                status.energy_j, status.energy_measured = meter.read_energy_j(), True
+                status.power_meter = meter.name
+            except (OSError, RuntimeError, ValueError) as error:
+                log.warning("power meter %s failed: %s", meter.name, error)
+        return status
+
+    def _power_meter(self):
+        with self._meter_lock:
+            if self._meter is None:
+                self._meter = detect_meter() or False  # False: looked, there is none
+            return self._meter or None
 
     def Release(self, request, context):
         self._disconnect()
@@ -182,6 +232,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     continue
         finally:
             self.engine.results.unsubscribe(subscriber)
+
+
+def _gpu_working_set_bytes() -> int:
+    """Metal's recommended working-set size on macOS (MLX's limit for GPU-resident memory)."""
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info().get("max_recommended_working_set_size", 0))
+    except (AttributeError, RuntimeError):
+        pass
+    return 0
 
 
 def serve(host: str, port: int) -> tuple[grpc.Server, threading.Event]:

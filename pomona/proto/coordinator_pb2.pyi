@@ -44,7 +44,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "decode_tok_s", "token_ids", "text")
+    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "decode_tok_s", "token_ids", "text", "energy_j", "j_per_token", "energy_source")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,9 @@ class GenerateSummary(_message.Message):
     DECODE_TOK_S_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    J_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
@@ -59,7 +62,10 @@ class GenerateSummary(_message.Message):
     decode_tok_s: float
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+    energy_j: float
+    j_per_token: float
+    energy_source: str
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., energy_j: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ("include_workers",)
@@ -68,7 +74,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self, include_workers: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only")
+    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +88,13 @@ class StageInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    HOP_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    POWER_BASIS_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     layer_start: int
@@ -95,7 +108,50 @@ class StageInfo(_message.Message):
     state: str
     load_fraction: float
     experts_only: bool
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ...) -> None: ...
+    predicted_compute_s: float
+    measured_compute_s: float
+    hop_latency_s: float
+    next_node: str
+    power_w: float
+    energy_j: float
+    power_basis: str
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("decode_tok_s", "ttft_s", "throughput_tok_s", "j_per_token", "energy_basis", "bottleneck")
+    DECODE_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    J_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BASIS_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_FIELD_NUMBER: _ClassVar[int]
+    decode_tok_s: float
+    ttft_s: float
+    throughput_tok_s: float
+    j_per_token: float
+    energy_basis: str
+    bottleneck: str
+    def __init__(self, decode_tok_s: _Optional[float] = ..., ttft_s: _Optional[float] = ..., throughput_tok_s: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_basis: _Optional[str] = ..., bottleneck: _Optional[str] = ...) -> None: ...
+
+class PlanOptionInfo(_message.Message):
+    __slots__ = ("name", "stages", "predicted", "note")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
+    predicted: Prediction
+    note: str
+    def __init__(self, name: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class LeftOutNode(_message.Message):
+    __slots__ = ("node", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ExpertGroupInfo(_message.Message):
     __slots__ = ("node", "layer", "expert_ids")
@@ -108,7 +164,7 @@ class ExpertGroupInfo(_message.Message):
     def __init__(self, node: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message", "expert_groups")
+    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message", "expert_groups", "objective", "predicted", "left_out", "baselines", "energy_j", "energy_basis")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +174,12 @@ class ClusterStatus(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BASIS_FIELD_NUMBER: _ClassVar[int]
     state: str
     error: str
     model: str
@@ -127,7 +189,13 @@ class ClusterStatus(_message.Message):
     active_requests: int
     message: str
     expert_groups: _containers.RepeatedCompositeFieldContainer[ExpertGroupInfo]
-    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ..., expert_groups: _Optional[_Iterable[_Union[ExpertGroupInfo, _Mapping]]] = ...) -> None: ...
+    objective: str
+    predicted: Prediction
+    left_out: _containers.RepeatedCompositeFieldContainer[LeftOutNode]
+    baselines: _containers.RepeatedCompositeFieldContainer[PlanOptionInfo]
+    energy_j: float
+    energy_basis: str
+    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ..., expert_groups: _Optional[_Iterable[_Union[ExpertGroupInfo, _Mapping]]] = ..., objective: _Optional[str] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., left_out: _Optional[_Iterable[_Union[LeftOutNode, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[PlanOptionInfo, _Mapping]]] = ..., energy_j: _Optional[float] = ..., energy_basis: _Optional[str] = ...) -> None: ...
 
 class ExpertStatsQuery(_message.Message):
     __slots__ = ()

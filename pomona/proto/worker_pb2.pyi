@@ -35,7 +35,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("hostname", "platform", "memory_total_bytes", "memory_available_bytes", "pid", "mlx_device", "version")
+    __slots__ = ("hostname", "platform", "memory_total_bytes", "memory_available_bytes", "pid", "mlx_device", "version", "gpu_working_set_bytes")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class NodeInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     MLX_DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    GPU_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     platform: str
     memory_total_bytes: int
@@ -50,7 +51,112 @@ class NodeInfo(_message.Message):
     pid: int
     mlx_device: str
     version: str
-    def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., mlx_device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    gpu_working_set_bytes: int
+    def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., mlx_device: _Optional[str] = ..., version: _Optional[str] = ..., gpu_working_set_bytes: _Optional[int] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("model_path", "prefill_chunk_tokens", "short_context", "long_context", "time_budget_s")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHORT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    LONG_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    prefill_chunk_tokens: int
+    short_context: int
+    long_context: int
+    time_budget_s: float
+    def __init__(self, model_path: _Optional[str] = ..., prefill_chunk_tokens: _Optional[int] = ..., short_context: _Optional[int] = ..., long_context: _Optional[int] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
+
+class ComputeProfile(_message.Message):
+    __slots__ = ("decode_layer_s", "decode_layer_long_s", "short_context", "long_context", "prefill_layer_s", "prefill_chunk_tokens", "embed_s", "head_s", "expert_s", "experts_per_token", "source")
+    DECODE_LAYER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LAYER_LONG_S_FIELD_NUMBER: _ClassVar[int]
+    SHORT_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    LONG_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LAYER_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_S_FIELD_NUMBER: _ClassVar[int]
+    HEAD_S_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_S_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    decode_layer_s: _containers.RepeatedScalarFieldContainer[float]
+    decode_layer_long_s: _containers.RepeatedScalarFieldContainer[float]
+    short_context: int
+    long_context: int
+    prefill_layer_s: _containers.RepeatedScalarFieldContainer[float]
+    prefill_chunk_tokens: int
+    embed_s: float
+    head_s: float
+    expert_s: _containers.RepeatedScalarFieldContainer[float]
+    experts_per_token: int
+    source: str
+    def __init__(self, decode_layer_s: _Optional[_Iterable[float]] = ..., decode_layer_long_s: _Optional[_Iterable[float]] = ..., short_context: _Optional[int] = ..., long_context: _Optional[int] = ..., prefill_layer_s: _Optional[_Iterable[float]] = ..., prefill_chunk_tokens: _Optional[int] = ..., embed_s: _Optional[float] = ..., head_s: _Optional[float] = ..., expert_s: _Optional[_Iterable[float]] = ..., experts_per_token: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ProfileReply(_message.Message):
+    __slots__ = ("compute", "cached", "elapsed_s", "power_measured", "idle_w", "busy_w", "power_meter", "power_note")
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    POWER_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_W_FIELD_NUMBER: _ClassVar[int]
+    BUSY_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_METER_FIELD_NUMBER: _ClassVar[int]
+    POWER_NOTE_FIELD_NUMBER: _ClassVar[int]
+    compute: ComputeProfile
+    cached: bool
+    elapsed_s: float
+    power_measured: bool
+    idle_w: float
+    busy_w: float
+    power_meter: str
+    power_note: str
+    def __init__(self, compute: _Optional[_Union[ComputeProfile, _Mapping]] = ..., cached: _Optional[bool] = ..., elapsed_s: _Optional[float] = ..., power_measured: _Optional[bool] = ..., idle_w: _Optional[float] = ..., busy_w: _Optional[float] = ..., power_meter: _Optional[str] = ..., power_note: _Optional[str] = ...) -> None: ...
+
+class MeasureLinksRequest(_message.Message):
+    __slots__ = ("targets", "small_bytes", "large_bytes", "small_rounds", "large_rounds", "timeout_s")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    SMALL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LARGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SMALL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LARGE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[LinkTarget]
+    small_bytes: int
+    large_bytes: int
+    small_rounds: int
+    large_rounds: int
+    timeout_s: float
+    def __init__(self, targets: _Optional[_Iterable[_Union[LinkTarget, _Mapping]]] = ..., small_bytes: _Optional[int] = ..., large_bytes: _Optional[int] = ..., small_rounds: _Optional[int] = ..., large_rounds: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class LinkTarget(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class LinkMeasurement(_message.Message):
+    __slots__ = ("target", "rtt_median_s", "rtt_p90_s", "bandwidth_bytes_per_s", "error")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RTT_MEDIAN_S_FIELD_NUMBER: _ClassVar[int]
+    RTT_P90_S_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    rtt_median_s: float
+    rtt_p90_s: float
+    bandwidth_bytes_per_s: float
+    error: str
+    def __init__(self, target: _Optional[str] = ..., rtt_median_s: _Optional[float] = ..., rtt_p90_s: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class MeasureLinksReply(_message.Message):
+    __slots__ = ("links",)
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
+    def __init__(self, links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only")
@@ -121,7 +227,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path")
+    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +238,12 @@ class WorkerStatus(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    POWER_METER_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     layer_start: int
     layer_end: int
@@ -142,7 +254,13 @@ class WorkerStatus(_message.Message):
     rss_bytes: int
     cache_bytes: int
     model_path: str
-    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ...) -> None: ...
+    busy_s: float
+    decode_busy_s: float
+    decode_steps: int
+    energy_measured: bool
+    energy_j: float
+    power_meter: str
+    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., busy_s: _Optional[float] = ..., decode_busy_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., energy_measured: _Optional[bool] = ..., energy_j: _Optional[float] = ..., power_meter: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ()

@@ -84,6 +84,16 @@ class WorkerStub:
                 request_serializer=pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
                 response_deserializer=pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/pomona.v1.Worker/Profile',
+                request_serializer=pomona_dot_proto_dot_worker__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.ProfileReply.FromString,
+                _registered_method=True)
+        self.MeasureLinks = channel.unary_unary(
+                '/pomona.v1.Worker/MeasureLinks',
+                request_serializer=pomona_dot_proto_dot_worker__pb2.MeasureLinksRequest.SerializeToString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.MeasureLinksReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -160,6 +170,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Time this model's layers, embedding, head and experts here (random weights; cached per
+        machine, model config and MLX version), and measure idle and busy power where a meter exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MeasureLinks(self, request, context):
+        """Measure this node's links to the given nodes (latency and bandwidth).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +237,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
                     response_serializer=pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=pomona_dot_proto_dot_worker__pb2.ProfileRequest.FromString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.ProfileReply.SerializeToString,
+            ),
+            'MeasureLinks': grpc.unary_unary_rpc_method_handler(
+                    servicer.MeasureLinks,
+                    request_deserializer=pomona_dot_proto_dot_worker__pb2.MeasureLinksRequest.FromString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.MeasureLinksReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +519,60 @@ class Worker:
             '/pomona.v1.Worker/Ping',
             pomona_dot_proto_dot_worker__pb2.PingMessage.SerializeToString,
             pomona_dot_proto_dot_worker__pb2.PingMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Worker/Profile',
+            pomona_dot_proto_dot_worker__pb2.ProfileRequest.SerializeToString,
+            pomona_dot_proto_dot_worker__pb2.ProfileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MeasureLinks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pomona.v1.Worker/MeasureLinks',
+            pomona_dot_proto_dot_worker__pb2.MeasureLinksRequest.SerializeToString,
+            pomona_dot_proto_dot_worker__pb2.MeasureLinksReply.FromString,
             options,
             channel_credentials,
             insecure,
