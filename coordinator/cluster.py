@@ -131,7 +131,7 @@ class Cluster:
         first = self.nodes[self.placement.stages[0].node]
         self._first_stage_call = first.stub.Forward(wait_for_ready=True)
         powers = {name: self.profile.node(name).power for name in self.placement.nodes}
-        self.energy = EnergyAccount(powers, self.worker_status, lambda: self.router.tokens_produced)
+        self.energy = EnergyAccount(powers, self.worker_counters, lambda: self.router.tokens_produced)
         self.router.energy = self.energy
         self.energy.origin = await self.energy.snapshot()
         self.state, self.message = "ready", "ready"
@@ -282,6 +282,14 @@ class Cluster:
     async def worker_status(self, node_name: str) -> worker_pb2.WorkerStatus | None:
         try:
             return await self.nodes[node_name].stub.Status(worker_pb2.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def worker_counters(self, node_name: str) -> worker_pb2.WorkerStatus | None:
+        """Busy time and energy only: answered without waiting for the node's engine."""
+        try:
+            request = worker_pb2.StatusRequest(counters_only=True)
+            return await self.nodes[node_name].stub.Status(request, timeout=5)
         except grpc.aio.AioRpcError:
             return None
 

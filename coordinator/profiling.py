@@ -26,6 +26,7 @@ from pomona.power import estimated_profile
 from pomona.profile_codec import compute_from_proto
 from pomona.profiles import COORDINATOR, ClusterProfile, LinkProfile, NodeProfile, PowerProfile
 from pomona.proto import worker_pb2
+from pomona.simulate import catalogue_power
 
 PROFILE_TIMEOUT_S = 600.0
 PROFILE_BUDGET_S = 60.0
@@ -59,8 +60,7 @@ def power_of(node: NodeConfig, reply: worker_pb2.ProfileReply | None) -> tuple[P
             spec = catalogue_machine(node.machine)
         except ConfigError as error:
             raise ConfigError(f"node {node.name!r}: {error}") from None
-        basis = f"catalogue: {spec.name}, {spec.power_basis}"
-        return estimated_profile(spec.idle_w, spec.max_w, basis), note
+        return catalogue_power(spec), note
     basis = (
         f"assumed idle {ASSUMED_IDLE_W:g} W, max {ASSUMED_MAX_W:g} W: set `power:` or `machine:` "
         "for this node in cluster.yaml"

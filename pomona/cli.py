@@ -128,6 +128,7 @@ def cmd_up(args) -> int:
     if config.stages:
         validate_stages(config.stages, model.num_layers)
     validate_experts(config.experts, model, node_names=[node.name for node in config.nodes])
+    _check_machines(config)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "logs" / "coordinator.log"
     with open(log_path, "ab") as log:
@@ -174,6 +175,18 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _check_machines(config) -> None:
+    """Catalogue names in cluster.yaml exist (before anything starts)."""
+    from pomona.catalogue import machine
+
+    for index, node in enumerate(config.nodes):
+        if node.machine:
+            try:
+                machine(node.machine)
+            except PomonaError as error:
+                raise CliError(f"{config.path}: nodes[{index}].machine: {error}") from None
+
+
 def cmd_plan(args) -> int:
     """Measure the cluster (or simulate one) and print the plan; nothing loads."""
     from pomona.plan_report import plan_json, plan_lines
@@ -187,6 +200,7 @@ def cmd_plan(args) -> int:
         from coordinator.cluster import Cluster
 
         config = load_cluster_config(args.file)
+        _check_machines(config)
         if args.objective:
             config = replace(config, scheduler=replace(config.scheduler, objective=args.objective))
         if _read_state(args.state_dir) is not None:

@@ -252,8 +252,8 @@ def _spread(
                     if link_cost is None:
                         destination = max(roomy, key=free) if roomy else None
                     else:
-                        key = lambda n: (link_cost(node, n), -free(n))  # noqa: E731
-                        destination = min(roomy, key=key) if roomy else None
+                        costs = {n: (link_cost(node, n), -free(n)) for n in roomy}
+                        destination = min(roomy, key=costs.__getitem__) if roomy else None
                     if destination is None:
                         break
                 holders[layer][expert] = (destination,)

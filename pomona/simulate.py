@@ -229,8 +229,7 @@ def simulated_compute(
 
 def catalogue_power(mac: Machine) -> PowerProfile:
     """Idle and busy watts from the catalogue (busy = Apple's max: an upper estimate for decode)."""
-    label = "Apple wall figures" if mac.power_kind == "official" else "estimate"
-    basis = f"estimated (catalogue: {mac.name}, {label}: {mac.power_basis})"
+    basis = f"estimated (catalogue: {mac.name}, {mac.power_basis})"
     return PowerProfile(idle_w=mac.idle_w, busy_w=mac.max_w, basis=basis)
 
 

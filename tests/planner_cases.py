@@ -15,8 +15,16 @@ from pomona.profiles import ClusterProfile, ComputeProfile, LinkProfile, NodePro
 
 def dense_model(num_layers: int, layer_bytes: int = 100, hidden: int = 64) -> ModelInfo:
     return ModelInfo(
-        Path("synthetic"), "mlx", "llama", num_layers, 4096, (layer_bytes,) * num_layers,
-        layer_bytes // 2, layer_bytes // 2, False, hidden_size=hidden,
+        Path("synthetic"),
+        "mlx",
+        "llama",
+        num_layers,
+        4096,
+        (layer_bytes,) * num_layers,
+        layer_bytes // 2,
+        layer_bytes // 2,
+        False,
+        hidden_size=hidden,
     )
 
 
@@ -27,8 +35,12 @@ def compute(num_layers: int, layer_s: float, embed_s: float = 1e-4, head_s: floa
     )
 
 
-def node(name: str, num_layers: int, layer_s: float, memory: int, idle_w: float, busy_w: float) -> NodeProfile:
-    return NodeProfile(name, memory, compute(num_layers, layer_s), PowerProfile(idle_w, busy_w, "estimated (test)"))
+def node(
+    name: str, num_layers: int, layer_s: float, memory: int, idle_w: float, busy_w: float
+) -> NodeProfile:
+    return NodeProfile(
+        name, memory, compute(num_layers, layer_s), PowerProfile(idle_w, busy_w, "estimated (test)")
+    )
 
 
 def mesh(names, latency_s, bandwidth=1e9) -> dict:

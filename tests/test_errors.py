@@ -14,49 +14,103 @@ from tiny_models import make_tiny_checkpoint
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     # 6 layers; a short context so that "prompt too long" is cheap to reach.
-    return make_tiny_checkpoint(
-        "llama", tmp_path_factory.mktemp("m") / "llama", max_position_embeddings=64
-    )
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("m") / "llama", max_position_embeddings=64)
 
 
 def _node(name: str, port: str) -> str:
     """A node entry for a template (braces doubled for str.format; the port is filled later)."""
     return "{{name: " + name + ", host: 127.0.0.1, port: {" + port + "}}}"
 
+
 # (id, yaml template, expected message part). {model}, {p0}.. {p3} are filled in per test.
 CASES = [
     ("invalid-yaml", "model: {model}\nnodes: [\n", "not valid YAML"),
     ("not-a-mapping", "- just\n- a list\n", "mapping"),
-    ("misspelled-key", "model: {model}\nnodes:\n  - {{name: a, host: 127.0.0.1, prot: {p1}}}\n",
-     "did you mean 'port'"),
+    (
+        "misspelled-key",
+        "model: {model}\nnodes:\n  - {{name: a, host: 127.0.0.1, prot: {p1}}}\n",
+        "did you mean 'port'",
+    ),
     ("unknown-top-key", "model: {model}\nnodez: []\n", "nodez"),
     ("missing-nodes", "model: {model}\n", "nodes"),
-    ("port-type", "model: {model}\nnodes:\n  - {{name: a, host: 127.0.0.1, port: abc}}\n",
-     "nodes[0].port"),
-    ("model-missing", "model: /no/such/model\nnodes:\n  - " + _node("a", "p1"),
-     "does not exist"),
-    ("not-a-model", "model: {not_model}\nnodes:\n  - " + _node("a", "p1"),
-     "not a model"),
-    ("duplicate-name", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\n  - " + _node("a", "p2"), "duplicate node name 'a'"),
-    ("duplicate-address", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\n  - " + _node("b", "p1"), "nodes[1]"),
-    ("stage-overlap", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\n  - " + _node("b", "p2")
-     + "\nplacement: {{stages: [{{node: a, layers: [0, 4]}}, {{node: b, layers: [3, 6]}}]}}\n",
-     "overlaps"),
-    ("stage-gap", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\n  - " + _node("b", "p2")
-     + "\nplacement: {{stages: [{{node: a, layers: [0, 2]}}, {{node: b, layers: [3, 6]}}]}}\n",
-     "gap"),
-    ("stage-past-end", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\nplacement: {{stages: [{{node: a, layers: [0, 9]}}]}}\n", "has 6 layers"),
-    ("unknown-stage-node", "model: {model}\nnodes:\n  - " + _node("a", "p1")
-     + "\nplacement: {{stages: [{{node: zz, layers: [0, 6]}}]}}\n", "zz"),
-    ("unreachable-node", "model: {model}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n"
-     "  - {{name: far, host: 127.0.0.1, port: {p3}, launch: manual}}\n", "did not answer within"),
-    ("does-not-fit", "model: {model}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n"
-     "  - {{name: a, host: 127.0.0.1, port: {p1}, memory_gb: 0.0001}}\n", "does not fit"),
+    ("port-type", "model: {model}\nnodes:\n  - {{name: a, host: 127.0.0.1, port: abc}}\n", "nodes[0].port"),
+    ("model-missing", "model: /no/such/model\nnodes:\n  - " + _node("a", "p1"), "does not exist"),
+    ("not-a-model", "model: {not_model}\nnodes:\n  - " + _node("a", "p1"), "not a model"),
+    (
+        "duplicate-name",
+        "model: {model}\nnodes:\n  - " + _node("a", "p1") + "\n  - " + _node("a", "p2"),
+        "duplicate node name 'a'",
+    ),
+    (
+        "duplicate-address",
+        "model: {model}\nnodes:\n  - " + _node("a", "p1") + "\n  - " + _node("b", "p1"),
+        "nodes[1]",
+    ),
+    (
+        "stage-overlap",
+        "model: {model}\nnodes:\n  - "
+        + _node("a", "p1")
+        + "\n  - "
+        + _node("b", "p2")
+        + "\nplacement: {{stages: [{{node: a, layers: [0, 4]}}, {{node: b, layers: [3, 6]}}]}}\n",
+        "overlaps",
+    ),
+    (
+        "stage-gap",
+        "model: {model}\nnodes:\n  - "
+        + _node("a", "p1")
+        + "\n  - "
+        + _node("b", "p2")
+        + "\nplacement: {{stages: [{{node: a, layers: [0, 2]}}, {{node: b, layers: [3, 6]}}]}}\n",
+        "gap",
+    ),
+    (
+        "stage-past-end",
+        "model: {model}\nnodes:\n  - "
+        + _node("a", "p1")
+        + "\nplacement: {{stages: [{{node: a, layers: [0, 9]}}]}}\n",
+        "has 6 layers",
+    ),
+    (
+        "unknown-stage-node",
+        "model: {model}\nnodes:\n  - "
+        + _node("a", "p1")
+        + "\nplacement: {{stages: [{{node: zz, layers: [0, 6]}}]}}\n",
+        "zz",
+    ),
+    (
+        "unreachable-node",
+        "model: {model}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n"
+        "  - {{name: far, host: 127.0.0.1, port: {p3}, launch: manual}}\n",
+        "did not answer within",
+    ),
+    (
+        "does-not-fit",
+        "model: {model}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n"
+        "  - {{name: a, host: 127.0.0.1, port: {p1}, memory_gb: 0.0001}}\n",
+        "does not fit any subset of the nodes",
+    ),
+    (
+        "unknown-objective",
+        "model: {model}\nnodes:\n  - " + _node("a", "p1") + "\nplacement: {{objective: fastest}}\n",
+        "unknown objective 'fastest'",
+    ),
+    (
+        "negative-slack",
+        "model: {model}\nnodes:\n  - " + _node("a", "p1") + "\nplacement: {{slack: -1}}\n",
+        "placement.slack: must be a number of at least 0",
+    ),
+    (
+        "unknown-machine",
+        "model: {model}\nnodes:\n  - {{name: a, host: 127.0.0.1, port: {p1}, machine: mac_pro_2030}}\n",
+        "unknown machine 'mac_pro_2030'",
+    ),
+    (
+        "power-max-below-idle",
+        "model: {model}\nnodes:\n"
+        "  - {{name: a, host: 127.0.0.1, port: {p1}, power: {{idle_w: 50, max_w: 10}}}}\n",
+        "nodes[0].power.max_w: must be at least idle_w",
+    ),
 ]
 
 
@@ -68,23 +122,37 @@ def moe_dir(tmp_path_factory):
 def _moe_yaml(expert_entry: str, node_b: str = "") -> str:
     return (
         "model: {moe}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n  - "
-        + _node("a", "p1") + "\n  - {{name: b, host: 127.0.0.1, port: {p2}" + node_b + "}}\n"
+        + _node("a", "p1")
+        + "\n  - {{name: b, host: 127.0.0.1, port: {p2}"
+        + node_b
+        + "}}\n"
         "placement:\n  stages: [{{node: a, layers: [0, 4]}}]\n  experts: [" + expert_entry + "]\n"
     )
 
 
 # Expert placement mistakes: each caught before any weights load.
 EXPERT_CASES = [
-    ("expert-id-out-of-range", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 99]}}"),
-     "expert ids 8-98 are outside"),
-    ("dense-layer-listed", _moe_yaml("{{node: b, layers: [0, 1], experts: [0, 2]}}"),
-     "layer 0 is a dense layer"),
-    ("unknown-expert-node", _moe_yaml("{{node: zz, layers: [1, 4], experts: [0, 2]}}"),
-     "unknown node 'zz'"),
-    ("experts-do-not-fit", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 8]}}",
-                                      ", memory_gb: 0.000001"), "does not fit"),
-    ("expert-node-unreachable", _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 4]}}",
-                                           ", launch: manual"), "did not answer within"),
+    (
+        "expert-id-out-of-range",
+        _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 99]}}"),
+        "expert ids 8-98 are outside",
+    ),
+    (
+        "dense-layer-listed",
+        _moe_yaml("{{node: b, layers: [0, 1], experts: [0, 2]}}"),
+        "layer 0 is a dense layer",
+    ),
+    ("unknown-expert-node", _moe_yaml("{{node: zz, layers: [1, 4], experts: [0, 2]}}"), "unknown node 'zz'"),
+    (
+        "experts-do-not-fit",
+        _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 8]}}", ", memory_gb: 0.000001"),
+        "does not fit",
+    ),
+    (
+        "expert-node-unreachable",
+        _moe_yaml("{{node: b, layers: [1, 4], experts: [0, 4]}}", ", launch: manual"),
+        "did not answer within",
+    ),
 ]
 
 

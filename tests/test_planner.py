@@ -23,10 +23,12 @@ def stages_of(result) -> list[tuple[str, int, int]]:
 
 def two_stage(model, a="a", b="b", split=None):
     split = split or model.num_layers // 2
-    return Placement((
-        StagePlacement(a, LayerRange(0, split), True, False),
-        StagePlacement(b, LayerRange(split, model.num_layers), False, True),
-    ))
+    return Placement(
+        (
+            StagePlacement(a, LayerRange(0, split), True, False),
+            StagePlacement(b, LayerRange(split, model.num_layers), False, True),
+        )
+    )
 
 
 # -- cost model ------------------------------------------------------------------------------------
@@ -178,7 +180,9 @@ def test_optimal_on_random_small_instances(seed, concurrency):
         best = brute_force(model, cluster, workload, key)[0]
         assert key(got) <= best + abs(best) * 1e-9, objective
     bound = fastest[0] * 1.1 * (1 + 1e-9)
-    best = brute_force(model, cluster, workload, lambda p: p.j_per_token if p.decode_s_per_token <= bound else 1e99)
+    best = brute_force(
+        model, cluster, workload, lambda p: p.j_per_token if p.decode_s_per_token <= bound else 1e99
+    )
     got = plan(model, cluster, workload, "balanced").chosen.prediction
     assert got.decode_s_per_token <= bound * (1 + 1e-9)
     assert got.j_per_token <= best[0] * (1 + 1e-9)

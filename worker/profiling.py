@@ -11,7 +11,7 @@ from pomona.power import detect_meter_with_reasons, measure_idle_and_busy
 from pomona.profile_codec import compute_to_proto
 from pomona.proto import worker_pb2
 
-from .profiler import profile_compute
+from .profiler import profile_compute_cached
 
 POWER_IDLE_S = 2.0
 POWER_BUSY_S = 3.0
@@ -27,7 +27,7 @@ def _busy_loop() -> None:
 
 def profile_node(request: worker_pb2.ProfileRequest) -> worker_pb2.ProfileReply:
     started = time.monotonic()
-    profile, cached = profile_compute(
+    profile, cached = profile_compute_cached(
         request.model_path,
         prefill_chunk_tokens=request.prefill_chunk_tokens or 256,
         short_context=request.short_context or 64,

@@ -177,7 +177,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 decode_steps=self.engine.decode_steps,
             )
 
-        status = self.engine.call(snapshot).result(timeout=60)
+        if request.counters_only:
+            status = worker_pb2.WorkerStatus(
+                busy_s=self.engine.busy_s,
+                decode_busy_s=self.engine.decode_busy_s,
+                decode_steps=self.engine.decode_steps,
+            )
+        else:
+            status = self.engine.call(snapshot).result(timeout=60)
         meter = self._power_meter()
         if meter is not None:
             try:

@@ -223,8 +223,10 @@ class LoadProgress(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., error: _Optional[str] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("counters_only",)
+    COUNTERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    counters_only: bool
+    def __init__(self, counters_only: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter")
