@@ -46,6 +46,7 @@ from .families.base import child
 from .gguf_loader import SUPPORTED_ARCHITECTURES, _mlx_name, gguf_llama_config
 
 PROFILE_FORMAT = 1  # bump when what is measured changes, so that older cached profiles miss
+MIN_SAMPLE_S = 0.03
 MAX_REPEATS = 7
 DEFAULT_TIME_BUDGET_S = 60.0
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -72,8 +73,10 @@ class _Checkpoint:
 
 
 def measure_s(fn: Callable[[], None], budget_s: float) -> float:
-    """Median seconds of `fn()` after one warm-up call: up to MAX_REPEATS timed calls, fewer once
-    `budget_s` is spent, at least one unless the warm-up alone took the whole budget."""
+    """Median seconds of `fn()` after one warm-up call: up to MAX_REPEATS samples, fewer once
+    `budget_s` is spent, at least one unless the warm-up alone took the whole budget. A sample
+    calls `fn` back to back for at least MIN_SAMPLE_S and divides: a node whose CPU time is
+    rationed (a quota, thermal limits) shows its sustained speed, not a burst."""
     start = time.perf_counter()
     fn()
     warm_up_s = time.perf_counter() - start
@@ -81,9 +84,11 @@ def measure_s(fn: Callable[[], None], budget_s: float) -> float:
         return warm_up_s  # a call this slow dwarfs the first call's allocation overhead
     times: list[float] = []
     while len(times) < MAX_REPEATS and (not times or time.perf_counter() - start < budget_s):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
+        began, calls = time.perf_counter(), 0
+        while calls == 0 or time.perf_counter() - began < MIN_SAMPLE_S:
+            fn()
+            calls += 1
+        times.append((time.perf_counter() - began) / calls)
     return statistics.median(times)
 
 
