@@ -58,6 +58,7 @@ class Prediction:
     ttft_s: float
     throughput_tok_s: float  # aggregate at the workload's concurrency
     j_per_token: float
+    prefill_j: float  # energy of the prompt's prefill (every serving node, for the TTFT)
     energy_basis: str  # "measured (...)" when every node's power was measured, else estimated
     bottleneck: str  # node whose stage limits throughput
     stages: tuple[StageCost, ...]
@@ -165,6 +166,7 @@ def predict(
 
     ttft = _ttft(model, placement, cluster, workload, costs)
     energy, nodes = _energy(cluster, busy, throughput)
+    prefill_j = _prefill_energy(cluster, placement, costs, workload, ttft)
     all_measured = all(cluster.node(n.node).power.measured for n in nodes)
     basis = (
         nodes[0].power_basis
@@ -176,6 +178,7 @@ def predict(
         ttft_s=ttft,
         throughput_tok_s=throughput,
         j_per_token=energy,
+        prefill_j=prefill_j,
         energy_basis=basis,
         bottleneck=costs[bottleneck_index].node,
         stages=tuple(costs),
@@ -207,6 +210,21 @@ def _ttft(
     to_first = _coordinator_link(cluster, first, TOKEN_ID_BYTES * workload.prompt_tokens)
     back = _coordinator_link(cluster, last, TOKEN_ID_BYTES)
     return to_first + through + (chunks - 1) * slowest + head + back
+
+
+def _prefill_energy(
+    cluster: ClusterProfile, placement: Placement, costs: list[StageCost], workload: Workload,
+    ttft_s: float,
+) -> float:
+    """Idle power of every serving node for the TTFT, plus each stage's extra busy power while it
+    runs the prompt's chunks."""
+    chunk_tokens = cluster.node(placement.stages[0].node).compute.prefill_chunk_tokens
+    chunks = workload.prompt_tokens / chunk_tokens
+    total = sum(cluster.node(name).power.idle_w for name in placement.nodes) * ttft_s
+    for cost in costs:
+        power = cluster.node(cost.node).power
+        total += (power.busy_w - power.idle_w) * cost.prefill_chunk_s * chunks
+    return total
 
 
 def _coordinator_link(cluster: ClusterProfile, node: str, num_bytes: float) -> float:

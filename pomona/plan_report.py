@@ -21,6 +21,7 @@ def prediction_json(prediction: Prediction | None) -> dict[str, Any] | None:
         "ttft_s": round(prediction.ttft_s, 6),
         "throughput_tok_s": round(prediction.throughput_tok_s, 4),
         "j_per_token": round(prediction.j_per_token, 6),
+        "prefill_j": round(prediction.prefill_j, 6),
         "energy_basis": prediction.energy_basis,
         "bottleneck": prediction.bottleneck,
         "stages": [
