@@ -144,7 +144,10 @@ class Cluster:
 
         def on_node(name: str, measurement: NodeMeasurement) -> None:
             how = "from its cache" if measurement.cached else f"in {measurement.elapsed_s:.1f} s"
-            self.message = f"node {name!r} profiled {how}"
+            power = measurement.profile.power.basis
+            if measurement.power_note:
+                power += f"; no power meter ({measurement.power_note})"
+            self.message = f"node {name!r} profiled {how}; power {power}"
             self.nodes[name].state = "profiled"
 
         self.profile, self.measurements = await profile_cluster(

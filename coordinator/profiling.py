@@ -11,6 +11,7 @@ message naming it.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,8 @@ from pomona.profiles import COORDINATOR, ClusterProfile, LinkProfile, NodeProfil
 from pomona.proto import worker_pb2
 from pomona.simulate import catalogue_power
 
-PROFILE_TIMEOUT_S = 600.0
+# A node that cannot profile in this long fails the bring-up (POMONA_PROFILE_TIMEOUT_S overrides).
+PROFILE_TIMEOUT_S = float(os.environ.get("POMONA_PROFILE_TIMEOUT_S", 600))
 PROFILE_BUDGET_S = 60.0
 LINK_TIMEOUT_S = 20.0
 SMALL_ROUNDS, LARGE_ROUNDS = 30, 4

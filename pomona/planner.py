@@ -329,10 +329,48 @@ class _Search:
                     else:
                         low = mid
             for seq_, ends_ in candidates:
+                ends_ = self._improve(seq_, list(ends_), bound)
                 energy = self.energy_of(seq_, ends_)
                 if energy < best[0]:
                     best = (energy, seq_, ends_)
         return best
+
+    def _fits(self, seq, ends) -> bool:
+        t, start = self.t, 0
+        for m, (node, end) in enumerate(zip(seq, ends)):
+            if end <= start:
+                return False
+            if len(seq) == 1:
+                return bool(t.fits_whole[node])
+            if m == 0:
+                ok = t.fits_first[node, end]
+            elif m == len(seq) - 1:
+                ok = t.fits_last[node, start]
+            else:
+                ok = t.fits_mid[node, start, end]
+            if not ok:
+                return False
+            start = end
+        return True
+
+    def _improve(self, seq, ends: list[int], bound: float) -> list[int]:
+        """Shift stage boundaries one layer at a time while energy drops and latency stays within
+        the bound: the Lagrangian search finds only corners of the trade-off, and with uniform
+        layers the optimum at the bound lies between two corners."""
+        energy = self.energy_of(seq, ends)
+        improved = True
+        while improved:
+            improved = False
+            for m in range(len(seq) - 1):
+                for delta in (1, -1):
+                    trial = list(ends)
+                    trial[m] += delta
+                    if not self._fits(seq, trial) or self.latency_of(seq, trial) > bound:
+                        continue
+                    trial_energy = self.energy_of(seq, trial)
+                    if trial_energy < energy - 1e-12:
+                        ends, energy, improved = trial, trial_energy, True
+        return ends
 
     def energy_of(self, seq, ends) -> float:
         t, start, total = self.t, 0, 0.0
@@ -381,6 +419,13 @@ class _Search:
 def _pareto_prune(labels: list[tuple]) -> list[tuple]:
     """Keep labels no other label is at most in every value of (values..., payload)."""
     labels.sort()
+    if all(label[1] == 0.0 for label in labels):  # two values (T, D): one sweep
+        kept, best = [], INF
+        for label in labels:
+            if label[2] < best:
+                kept.append(label)
+                best = label[2]
+        return kept
     kept: list[tuple] = []
     for label in labels:
         values = label[:-1]
@@ -389,25 +434,29 @@ def _pareto_prune(labels: list[tuple]) -> list[tuple]:
     return kept
 
 
-def _pareto_split(t: _Tables, seq: Sequence[int]) -> list[tuple[float, float, float, list[int]]]:
+def _pareto_split(
+    t: _Tables, seq: Sequence[int], track_bottleneck: bool = True
+) -> list[tuple[float, float, float, list[int]]]:
     """Every Pareto-optimal split of `seq` in (latency T, busiest stage B, extra busy energy D).
 
     Each objective is non-decreasing in all three (latency: T; throughput: T and B; energy:
     idle(S) x max(T / k, B) + D), so its optimum over this sequence is one of these labels: an
-    exact search, affordable for small instances (see `_SMALL_WORK`)."""
+    exact search, affordable for small instances (see `_SMALL_WORK`). With one stream B never
+    matters (B <= T), so `track_bottleneck=False` keeps B at 0 and prunes in two values."""
     big_l, k, first = t.num_layers, len(seq), seq[0]
     compute, extra = t.compute, t.extra_w
+    worst_of = max if track_bottleneck else (lambda a, b: 0.0)
     if k == 1:
         if not t.fits_whole[first]:
             return []
         stage = compute[first, 0, big_l] + t.embed_s[first] + t.head_s[first]
-        return [(stage, stage, extra[first] * stage, [big_l])]
+        return [(stage, worst_of(stage, 0.0), extra[first] * stage, [big_l])]
     # states[j]: labels (T, B, D, ends) of the stages so far ending at layer j
     states: dict[int, list] = {}
     for j in range(1, big_l - (k - 1) + 1):
         if t.fits_first[first, j]:
             stage = compute[first, 0, j] + t.embed_s[first]
-            states[j] = [(stage, stage, extra[first] * stage, [j])]
+            states[j] = [(stage, worst_of(stage, 0.0), extra[first] * stage, [j])]
     for m in range(1, k):
         node, prev, last = seq[m], seq[m - 1], m == k - 1
         hop = t.hop_s[prev, node]
@@ -430,18 +479,18 @@ def _pareto_split(t: _Tables, seq: Sequence[int]) -> list[tuple[float, float, fl
     return [(lat + back, worst, energy, path) for lat, worst, energy, path in states.get(big_l, [])]
 
 
-_SMALL_WORK = 3e5  # sequences x stages x layers^2: below this, search every Pareto split
+_SMALL_WORK = 6e4  # sequences x stages x layers^2: below this, search every Pareto split (~1 s)
 
 
 class _ExactSearch:
     """Small instances: every sequence's whole Pareto set, each objective picked exactly."""
 
-    def __init__(self, search: _Search):
+    def __init__(self, search: _Search, concurrency: int):
         self.t = search.t
         self.labels = []  # (T, B, D, idle of S, seq, ends)
         for seq in search.sequences:
             idle = float(self.t.idle_w[list(seq)].sum())
-            for lat, worst, energy, ends in _pareto_split(self.t, seq):
+            for lat, worst, energy, ends in _pareto_split(self.t, seq, concurrency > 1):
                 self.labels.append((lat, worst, energy, idle, seq, ends))
 
     def best(self, objective: str, slack: float, concurrency: int):
@@ -453,7 +502,7 @@ class _ExactSearch:
             return idle * max(lat / concurrency, worst) + extra
 
         def rate(label) -> float:
-            return min(concurrency / label[0], 1.0 / label[1])
+            return min(concurrency / label[0], 1.0 / label[1] if label[1] > 0 else INF)
 
         if objective == "latency":
             key = lambda label: (label[0], energy(label))  # noqa: E731
@@ -498,7 +547,7 @@ def _search_best(search: _Search, objective: str, slack: float, workload: Worklo
     t = search.t
     work = sum(len(seq) for seq in search.sequences) * t.num_layers**2
     if work <= _SMALL_WORK:
-        return _ExactSearch(search).best(objective, slack, workload.concurrency)
+        return _ExactSearch(search, workload.concurrency).best(objective, slack, workload.concurrency)
     if objective == "latency":
         return search.latency()
     if objective == "energy":

@@ -5,6 +5,7 @@ Every placement the scheduler chooses still generates single-process mlx-lm's gr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -184,3 +185,57 @@ def test_links_are_measured_over_the_data_plane_stack(tmp_path):
     assert by_target["direct"].rtt_median_s < by_target["slow"].rtt_median_s
     assert by_target["direct"].bandwidth_bytes_per_s > 0
     assert by_target["nobody"].error
+
+
+def test_status_and_generate_json_carry_the_schedulers_figures(tmp_path, model_dir):
+    memory = _share_gib(model_dir, 0.75)  # two stages
+    overrides = [{"memory_gb": memory, "power": {"idle_w": 5, "max_w": 50}}] * 2
+    with running_cluster(
+        tmp_path, model_dir, 2, node_overrides=overrides, generation={"max_context": 256}
+    ) as cluster:
+        result = pomona("generate", "--json", "--raw", "--max-tokens", "6", "--ignore-eos", PROMPT,
+                        cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        generated = json.loads(result.stdout)
+        status = json.loads(pomona("status", "--json", cwd=tmp_path).stdout)
+        assert "predicted" in cluster.up_output and "bottleneck" in cluster.up_output
+    assert generated["energy_j"] > 0
+    assert generated["j_per_token"] == pytest.approx(generated["energy_j"] / 6, rel=1e-3)
+    assert generated["energy_source"].startswith("estimated (cluster.yaml power")
+    stages = status["stages"]
+    assert len(stages) == 2 and status["predicted"]["decode_tok_s"] > 0
+    for stage in stages:
+        assert stage["predicted_compute_s"] > 0 and stage["measured_compute_s"] > 0
+        assert stage["hop_latency_s"] > 0 and stage["energy_j"] > 0
+        assert stage["power_basis"].startswith("estimated (cluster.yaml power")
+
+
+def test_a_node_that_cannot_be_profiled_in_time_fails_up_clearly(tmp_path, model_dir):
+    (port,) = free_ports(1)
+    worker = subprocess.Popen(  # its own profile cache: it must measure, not read a stored profile
+        [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "POMONA_CACHE": str(tmp_path / "worker-cache")},
+    )
+    try:
+        # Every message to the node takes 0.3 s: it answers Describe, but not a 1 s profile.
+        with DelayProxy(0, "127.0.0.1", port, 0.3) as link:
+            ports = free_ports(1)
+            config = {
+                "model": str(model_dir),
+                "coordinator": {"host": "127.0.0.1", "port": ports[0]},
+                "nodes": [{"name": "sluggish", "host": "127.0.0.1", "port": link.port,
+                           "launch": "manual"}],
+            }
+            (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))
+            result = subprocess.run(
+                [sys.executable, "-m", "pomona.cli", "up"], cwd=tmp_path, capture_output=True,
+                text=True, timeout=180, env={**os.environ, "POMONA_PROFILE_TIMEOUT_S": "1"},
+            )
+    finally:
+        pomona("down", cwd=tmp_path, timeout_s=60)  # in case it came up after all
+        worker.kill()
+        worker.wait(timeout=10)
+    assert result.returncode != 0
+    assert "node 'sluggish' could not be profiled: it did not finish within 1 s" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
