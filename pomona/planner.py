@@ -577,6 +577,9 @@ def plan(
     names = list(cluster.names)
     if not names:
         raise PlacementError("there are no nodes to place the model on; add nodes to cluster.yaml")
+    kv_total = model.kv_bytes_per_token * kv_tokens * model.num_layers
+    if sum(node.memory_bytes for node in cluster.nodes) < model.total_bytes + kv_total:
+        raise _no_fit(model, cluster, kv_tokens)
     note = ""
     tables = _tables(model, cluster, names, workload, kv_tokens, without_experts=False)
     search = _Search(tables, cluster, model)
