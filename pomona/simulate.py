@@ -229,7 +229,9 @@ def simulated_compute(
 
 def catalogue_power(mac: Machine) -> PowerProfile:
     """Idle and busy watts from the catalogue (busy = Apple's max: an upper estimate for decode)."""
-    basis = f"estimated (catalogue: {mac.name}, {mac.power_basis})"
+    # Apple's own figures say so in their basis; anything else is marked as an estimate of ours.
+    label = "" if mac.power_kind == "official" else "estimate: "
+    basis = f"estimated (catalogue: {mac.name}, {label}{mac.power_basis})"
     return PowerProfile(idle_w=mac.idle_w, busy_w=mac.max_w, basis=basis)
 
 

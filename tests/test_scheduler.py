@@ -199,6 +199,8 @@ def test_status_and_generate_json_carry_the_schedulers_figures(tmp_path, model_d
         generated = json.loads(result.stdout)
         status = json.loads(pomona("status", "--json", cwd=tmp_path).stdout)
         assert "predicted" in cluster.up_output and "bottleneck" in cluster.up_output
+        if "measured (" not in cluster.up_output:  # no meter here: the estimate says why
+            assert "no power meter (" in cluster.up_output, cluster.up_output
     assert generated["energy_j"] > 0
     assert generated["j_per_token"] == pytest.approx(generated["energy_j"] / 6, rel=1e-3)
     assert generated["energy_source"].startswith("estimated (cluster.yaml power")
@@ -239,3 +241,29 @@ def test_a_node_that_cannot_be_profiled_in_time_fails_up_clearly(tmp_path, model
     assert result.returncode != 0
     assert "node 'sluggish' could not be profiled: it did not finish within 1 s" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "reply, node_power, machine, basis, note",
+    [
+        # a meter measured: its figures win over cluster.yaml
+        (dict(power_measured=True, idle_w=4.0, busy_w=30.0, power_meter="rapl"), (5, 50), None,
+         "measured (rapl)", ""),
+        # the meter failed: cluster.yaml's figures, and the reason travels with them
+        (dict(power_measured=False, power_note="rapl: the meter failed while measuring (EIO)"),
+         (5, 50), None, "estimated (cluster.yaml power: idle 5 W, max 50 W)",
+         "rapl: the meter failed while measuring (EIO)"),
+        (dict(power_note="zeus-apple-silicon: not macOS"), None, "mac_mini_2024_m4",
+         "estimated (catalogue: mac_mini_2024_m4", "zeus-apple-silicon: not macOS"),
+        (dict(), None, None, "estimated (assumed idle 7 W, max 100 W", ""),
+    ],
+)
+def test_power_falls_back_to_the_estimate_and_says_why(reply, node_power, machine, basis, note):
+    from coordinator.profiling import power_of
+    from pomona.config import NodeConfig, PowerSpec
+
+    node = NodeConfig("n", "127.0.0.1", 1, None, "local", None, None, None, {},
+                      PowerSpec(*node_power) if node_power else None, machine)
+    power, why = power_of(node, worker_pb2.ProfileReply(**reply))
+    assert power.basis.startswith(basis), power.basis
+    assert why == note
