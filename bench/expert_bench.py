@@ -1,9 +1,10 @@
 """Expert-parallel benchmark on a tiny MoE (Mixtral format, 8 layers, 16 experts, top-2), in one run:
 single-process mlx-lm; Pomona with every expert local (1 and 2 stages, the baselines); one stage
-plus two expert nodes; two stages plus four expert nodes.
+plus one and plus two expert nodes; two stages plus four expert nodes.
 
 Prints prefill and decode tok/s, ratios to single-process, the per-MoE-layer dispatch overhead next
-to one raw gRPC stream round trip measured in the same run, and bytes on the wire per token.
+to one raw round trip of a dispatch-sized message on the data plane's own gRPC stack and threads,
+measured in the same run, and bytes on the wire per token.
 
     .venv/bin/python bench/expert_bench.py [--new-tokens 64]
 """
@@ -17,13 +18,16 @@ import tempfile
 from pathlib import Path
 
 from mlx_lm.utils import load_model
-from pipeline_bench import REPEATS, cluster_run, single_process, stream_round_trip_s
+import mlx.core as mx
+from pipeline_bench import REPEATS, cluster_run, link_round_trip_s, single_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster_helpers import running_cluster  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
+from pomona.proto import worker_pb2  # noqa: E402
 from pomona.tokenizer import load_tokenizer  # noqa: E402
+from worker.wire import encode_tensor  # noqa: E402
 
 LAYERS, EXPERTS = 8, 16
 PROMPT = "Each token is sent to the experts that the router chooses, and the results are added."
@@ -41,10 +45,23 @@ def _experts(nodes: list[str]) -> list[dict]:
 SETUPS = {
     "1 stage, local": (1, [[0, LAYERS]], None, None, 0),
     "2 stages, local": (2, [[0, 4], [4, LAYERS]], None, None, 0),
+    "1 stage + 1 EP": (2, [[0, LAYERS]], _experts(["b"]), "1 stage, local", 1),
     "1 stage + 2 EP": (3, [[0, LAYERS]], _experts(["b", "c"]), "1 stage, local", 2),
     "2 stages + 4 EP": (6, [[0, 4], [4, LAYERS]], _experts(["c", "d", "e", "f"]),
                         "2 stages, local", 4),
 }
+
+
+def dispatch_message_bytes(model) -> int:
+    """Bytes of a decode step's dispatch to one node: one token's hidden state [1, D] in the
+    model's activation dtype and one (token, expert) pair; the reply carries one [1, D] output."""
+    hidden = model.model.embed_tokens(mx.array([[0]]))[0]  # [1, D]
+    request = worker_pb2.ExpertRequest(
+        layer=LAYERS - 1, hidden=encode_tensor(hidden), pair_rows=[0], pair_experts=[EXPERTS - 1],
+        dispatch_id=2**40,
+    )
+    reply = worker_pb2.ExpertReply(output=encode_tensor(hidden), dispatch_id=2**40)
+    return max(request.ByteSize(), reply.ByteSize())
 
 
 def wire_bytes(cluster) -> int:
@@ -74,7 +91,9 @@ def main() -> None:
                 )
                 for i, (name, (nodes, stages, experts, _, _)) in enumerate(SETUPS.items())
             }
-            rtt = stream_round_trip_s(clusters["1 stage + 2 EP"].status().stages[1].address, 256)
+            message_bytes = dispatch_message_bytes(model)
+            expert_node = clusters["1 stage + 1 EP"].status().stages[1].address
+            rtt = link_round_trip_s(expert_node, message_bytes)
             runs: dict[str, list] = {"mlx-lm": [], **{name: [] for name in SETUPS}}
             single_process(model, prompt_ids, 4)
             for cluster in clusters.values():
@@ -101,7 +120,8 @@ def main() -> None:
             extra = f"{per_layer_s * 1e3:>12.2f} ms{per_layer_s / rtt:>7.2f}{traffic[name]:>14.0f}"
         print(f"{name:<18}{prefill:>14.1f}{decode:>14.1f}{prefill / sp_prefill:>11.2f}"
               f"{decode / sp_decode:>10.2f}{extra}")
-    print(f"raw gRPC stream round trip (256 B, grpc.aio, loopback): {rtt * 1e6:.0f} us. "
+    print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
+          f"{rtt * 1e6:.0f} us. "
           "Per MoE layer = extra decode time per token over the same stages with local experts, "
           "divided by the MoE layers.")
 

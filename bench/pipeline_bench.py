@@ -3,7 +3,8 @@ in one run, on the real default model (SmolLM2-135M, compute-bound here) and on 
 compute is small enough that transport shows.
 
 Prints prefill and decode tok/s, ratios to single-process, the per-token transport overhead next to
-(hops per token x raw gRPC stream round trip) measured in the same run, and the throughput of two
+N x (RTT / 2) for a ring of N stages (N one-way messages per token), with the round trip measured
+in the same run on the data plane's own gRPC stack, threads and message size, and the throughput of two
 concurrent requests on two stages.
 
     .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny]
@@ -12,8 +13,8 @@ concurrent requests on two stages.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import queue
 import statistics
 import sys
 import tempfile
@@ -31,9 +32,11 @@ from cluster_helpers import running_cluster  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 from pomona.fetch import fetch_default_model  # noqa: E402
+from pomona.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from pomona.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 from pomona.tokenizer import load_tokenizer  # noqa: E402
 from worker.gguf_loader import build_model, load_gguf  # noqa: E402
+from worker.wire import encode_tensor  # noqa: E402
 
 PROMPT = (
     "Explain in a few sentences why splitting a language model across several computers "
@@ -61,23 +64,73 @@ def single_process(model, prompt_ids: list[int], new_tokens: int) -> tuple[float
     return len(prompt_ids) / (first - started), (new_tokens - 1) / (done - first)
 
 
-def stream_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
-    """Median round trip of one message on a persistent bidirectional gRPC stream (grpc.aio)."""
+def link_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
+    """Median round trip of one message on a persistent bidirectional gRPC stream, with the data
+    plane's own client stack and threading: a sync channel with Pomona's options, messages handed
+    to gRPC through a queue-fed iterator (as a link's sender does), replies read on a reader thread
+    and handed back through a queue (as the engine receives them). The worker's Ping handler echoes
+    on a server thread, as Forward and Experts run. A failure in the reader fails the run."""
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    failure: list[BaseException] = []
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        replies = worker_pb2_grpc.WorkerStub(channel).Ping(iter(outbox.get, None))
 
-    async def measure() -> float:
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = worker_pb2_grpc.WorkerStub(channel).Ping()
-            message = worker_pb2.PingMessage(payload=b"x" * payload_bytes)
-            times = []
-            for _ in range(count):
-                sent = time.perf_counter()
-                await call.write(message)
-                await call.read()
-                times.append(time.perf_counter() - sent)
-            await call.done_writing()
-            return statistics.median(times[20:])
+        def read() -> None:
+            try:
+                for reply in replies:
+                    inbox.put(reply)
+            except BaseException as error:  # noqa: BLE001 - reported to the measuring thread
+                failure.append(error)
+            inbox.put(None)
 
-    return asyncio.run(measure())
+        reader = threading.Thread(target=read, name="rtt-reader", daemon=True)
+        reader.start()
+        message = worker_pb2.PingMessage(payload=b"x" * payload_bytes)
+        times = []
+        for _ in range(count):
+            sent = time.perf_counter()
+            outbox.put(message)
+            if inbox.get(timeout=10) is None:
+                raise RuntimeError(f"the round-trip stream to {address} ended: {failure}")
+            times.append(time.perf_counter() - sent)
+        outbox.put(None)
+        reader.join(timeout=10)
+    if failure:
+        raise RuntimeError(f"the round-trip stream to {address} failed: {failure[0]}")
+    return statistics.median(times[20:])
+
+
+def stage_message_bytes(model) -> int:
+    """Bytes of one decode step's hidden state as a stage sends it: [1, 1, D] in the dtype the
+    model's embedding produces, wrapped in a StageMessage."""
+    hidden = model.model.embed_tokens(mx.array([[0]]))
+    message = worker_pb2.StageMessage(
+        request_id="0" * 32,
+        activations=worker_pb2.Activations(hidden=encode_tensor(hidden), sample=True),
+    )
+    return message.ByteSize()
+
+
+def run_threads(targets) -> None:
+    """Run callables on threads at once; an exception in any of them fails the run."""
+    errors: list[BaseException] = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+        if thread.is_alive():
+            raise RuntimeError("a benchmark thread did not finish within 600 s")
+    if errors:
+        raise RuntimeError(f"a benchmark thread failed: {errors[0]!r}") from errors[0]
 
 
 def cluster_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float, float, float]:
@@ -94,15 +147,8 @@ def concurrent_ratio(cluster, prompt: str, raw: bool, new_tokens: int) -> float:
     one = min(cluster_run(cluster, prompt, raw, new_tokens)[2] for _ in range(REPEATS))
     both = float("inf")
     for _ in range(REPEATS):
-        threads = [
-            threading.Thread(target=cluster_run, args=(cluster, prompt, raw, new_tokens))
-            for _ in range(2)
-        ]
         started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=600)
+        run_threads([lambda: cluster_run(cluster, prompt, raw, new_tokens)] * 2)
         both = min(both, time.perf_counter() - started)
     return (2 * new_tokens / both) / (new_tokens / one)
 
@@ -119,7 +165,8 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
             )
             for stages, layout in LAYOUTS[name].items()
         }
-        rtt = stream_round_trip_s(clusters[2].status().stages[0].address, 4 * 576)
+        message_bytes = stage_message_bytes(model)
+        rtt = link_round_trip_s(clusters[2].status().stages[0].address, message_bytes)
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
         runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}
@@ -146,13 +193,14 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
         # adds (over Pomona's own 1-stage cluster, which runs the same engine with no hop).
         overhead_s = 1 / decode - 1 / sp_decode
         transport_s = 1 / decode - one_stage_s
-        budget_s = stages * rtt if stages > 1 else 0.0
+        # A ring of N stages sends N one-way messages per token: N x RTT / 2.
+        budget_s = stages * rtt / 2 if stages > 1 else 0.0
         ratio = f"{transport_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
         print(f"{f'pomona {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
               f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
               f"{overhead_s * 1e3:>9.2f} ms{transport_s * 1e3:>9.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
-    print(f"raw gRPC stream round trip (2.3 KB, grpc.aio, loopback): {rtt * 1e6:.0f} us; "
-          "hops per token = stages (a ring)")
+    print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
+          f"{rtt * 1e6:.0f} us; a ring of N stages sends N one-way messages per token")
     print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
 
 

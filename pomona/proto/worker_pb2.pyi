@@ -223,24 +223,28 @@ class ResultsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "pair_rows", "pair_experts")
+    __slots__ = ("layer", "hidden", "pair_rows", "pair_experts", "dispatch_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_ROWS_FIELD_NUMBER: _ClassVar[int]
     PAIR_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     pair_rows: _containers.RepeatedScalarFieldContainer[int]
     pair_experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    dispatch_id: int
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_experts: _Optional[_Iterable[int]] = ..., dispatch_id: _Optional[int] = ...) -> None: ...
 
 class ExpertReply(_message.Message):
-    __slots__ = ("output", "error")
+    __slots__ = ("output", "error", "dispatch_id")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     error: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    dispatch_id: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., dispatch_id: _Optional[int] = ...) -> None: ...
 
 class ExpertStatsRequest(_message.Message):
     __slots__ = ()
