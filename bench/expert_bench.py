@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mlx_lm.utils import load_model
 import mlx.core as mx
+from mlx_lm.utils import load_model
 from pipeline_bench import REPEATS, cluster_run, link_round_trip_s, single_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

@@ -184,7 +184,7 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
     print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens, "
           f"best of {REPEATS} ==")
     print(f"{'setup':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}"
-          f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'hops x RTT':>12}{'ratio':>7}")
+          f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'N x RTT/2':>12}{'ratio':>7}")
     print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
     one_stage_s = 1 / best[1][1]
     for stages in LAYOUTS[name]:

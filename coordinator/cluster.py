@@ -143,6 +143,7 @@ class Cluster:
             request.layer_start, request.layer_end = stage.layers.start, stage.layers.end
             request.is_first, request.is_last = stage.is_first, stage.is_last
             request.next_address = self.nodes[next_stage.node].config.address
+            request.next_node = next_stage.node
             request.stage_index, request.stage_count = index, len(placement.stages)
         else:
             request.experts_only = True
