@@ -23,6 +23,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._stop_event = stop_event
 
     async def Generate(self, request, context):
+        if self.cluster.state == "degraded":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.cluster.error)
         if self.cluster.state != "ready":
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
