@@ -6,7 +6,7 @@ Prints prefill and decode tok/s, ratios to single-process, the per-MoE-layer dis
 to one raw round trip of a dispatch-sized message on the data plane's own gRPC stack and threads,
 measured in the same run, and bytes on the wire per token.
 
-    .venv/bin/python bench/expert_bench.py [--new-tokens 64]
+    .venv/bin/python bench/expert_bench.py [--new-tokens 64] [--compare TREE]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.utils import load_model
-from pipeline_bench import REPEATS, cluster_run, link_round_trip_s, single_process
+from pipeline_bench import REPEATS, cluster_run, code_from, link_round_trip_s, single_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster_helpers import running_cluster  # noqa: E402
@@ -52,6 +52,10 @@ SETUPS = {
 }
 
 
+# With --compare, these run on the other tree too (fewer processes than every setup twice).
+COMPARED = ("1 stage, local", "1 stage + 1 EP", "1 stage + 2 EP")
+
+
 def dispatch_message_bytes(model) -> int:
     """Bytes of a decode step's dispatch to one node: one token's hidden state [1, D] in the
     model's activation dtype and one (token, expert) pair; the reply carries one [1, D] output."""
@@ -74,7 +78,17 @@ def wire_bytes(cluster) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compare", type=Path, metavar="TREE",
+                        help="also run the 1-stage setups on the Pomona code in TREE")
     args = parser.parse_args()
+    setups = dict(SETUPS)
+    trees = {name: None for name in SETUPS}
+    if args.compare:
+        for name in COMPARED:
+            nodes, stages, experts, baseline, destinations = SETUPS[name]
+            baseline = f"before: {baseline}" if baseline else None
+            setups[f"before: {name}"] = (nodes, stages, experts, baseline, destinations)
+            trees[f"before: {name}"] = args.compare.resolve()
     new_tokens = args.new_tokens
     with tempfile.TemporaryDirectory(prefix="pomona-ep-bench-") as tmp:
         work = Path(tmp)
@@ -85,16 +99,16 @@ def main() -> None:
         model, _ = load_model(path)
         prompt_ids = load_tokenizer(path).encode(PROMPT)
         with contextlib.ExitStack() as stack:
-            clusters = {
-                name: stack.enter_context(
-                    running_cluster(work / f"c{i}", path, nodes, stages, experts)
-                )
-                for i, (name, (nodes, stages, experts, _, _)) in enumerate(SETUPS.items())
-            }
+            clusters = {}
+            for i, (name, (nodes, stages, experts, _, _)) in enumerate(setups.items()):
+                with code_from(trees[name]):
+                    clusters[name] = stack.enter_context(
+                        running_cluster(work / f"c{i}", path, nodes, stages, experts)
+                    )
             message_bytes = dispatch_message_bytes(model)
             expert_node = clusters["1 stage + 1 EP"].status().stages[1].address
             rtt = link_round_trip_s(expert_node, message_bytes)
-            runs: dict[str, list] = {"mlx-lm": [], **{name: [] for name in SETUPS}}
+            runs: dict[str, list] = {"mlx-lm": [], **{name: [] for name in setups}}
             single_process(model, prompt_ids, 4)
             for cluster in clusters.values():
                 cluster_run(cluster, PROMPT, True, 4)  # warm-up
@@ -109,16 +123,16 @@ def main() -> None:
     sp_prefill, sp_decode = best["mlx-lm"]
     print(f"\n== tiny MoE: {LAYERS} layers, {EXPERTS} experts, top-2; prompt {len(prompt_ids)} "
           f"tokens, {new_tokens} new tokens, best of {REPEATS} ==")
-    print(f"{'setup':<18}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}{'decode x':>10}"
+    print(f"{'setup':<26}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}{'decode x':>10}"
           f"{'per MoE layer':>15}{'/ RTT':>7}{'wire B/token':>14}")
-    print(f"{'mlx-lm 1 proc':<18}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
-    for name, (_, _, _, baseline, _) in SETUPS.items():
+    print(f"{'mlx-lm 1 proc':<26}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
+    for name, (_, _, _, baseline, _) in setups.items():
         prefill, decode = best[name]
         extra = ""
         if baseline is not None:
             per_layer_s = (1 / decode - 1 / best[baseline][1]) / LAYERS
             extra = f"{per_layer_s * 1e3:>12.2f} ms{per_layer_s / rtt:>7.2f}{traffic[name]:>14.0f}"
-        print(f"{name:<18}{prefill:>14.1f}{decode:>14.1f}{prefill / sp_prefill:>11.2f}"
+        print(f"{name:<26}{prefill:>14.1f}{decode:>14.1f}{prefill / sp_prefill:>11.2f}"
               f"{decode / sp_decode:>10.2f}{extra}")
     print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
           f"{rtt * 1e6:.0f} us. "

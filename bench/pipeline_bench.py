@@ -7,13 +7,17 @@ N x (RTT / 2) for a ring of N stages (N one-way messages per token), with the ro
 in the same run on the data plane's own gRPC stack, threads and message size, and the throughput of two
 concurrent requests on two stages.
 
-    .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny]
+    .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny] [--compare TREE]
+
+With --compare, the same setups also run on the Pomona code in TREE (e.g. `git worktree add
+/tmp/before HEAD~3`), interleaved in the same rounds: before and after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import queue
 import statistics
 import sys
@@ -153,32 +157,59 @@ def concurrent_ratio(cluster, prompt: str, raw: bool, new_tokens: int) -> float:
     return (2 * new_tokens / both) / (new_tokens / one)
 
 
-def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int, work: Path):
+@contextlib.contextmanager
+def code_from(tree: Path | None):
+    """Clusters started inside run the Pomona code of ``tree`` (another checkout, e.g. the commit
+    before a change), so that before and after are measured in the same run."""
+    if tree is None:
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def start_clusters(stack, work: Path, name: str, path, layouts: dict, trees: dict) -> dict:
+    """(code label, stage count) -> a running cluster, for each tree and layout."""
+    clusters = {}
+    for label, tree in trees.items():
+        for stages, layout in layouts.items():
+            with code_from(tree):
+                clusters[label, stages] = stack.enter_context(
+                    running_cluster(work / f"{name}-{label}-{stages}", path, stages, layout)
+                )
+    return clusters
+
+
+def bench_model(
+    name: str, path, model, raw: bool, prompt: str, new_tokens: int, work: Path, trees: dict
+):
     tokenizer = load_tokenizer(Path(path) if path != "default" else fetch_default_model(True))
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat(
         [{"role": "user", "content": prompt}]
     )
     with contextlib.ExitStack() as stack:
-        clusters = {
-            stages: stack.enter_context(
-                running_cluster(work / f"{name}-{stages}", path, stages, layout)
-            )
-            for stages, layout in LAYOUTS[name].items()
-        }
+        clusters = start_clusters(stack, work, name, path, LAYOUTS[name], trees)
         message_bytes = stage_message_bytes(model)
-        rtt = link_round_trip_s(clusters[2].status().stages[0].address, message_bytes)
+        rtt = link_round_trip_s(clusters["pomona", 2].status().stages[0].address, message_bytes)
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
         runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}
         single_process(model, prompt_ids, 4)
-        for stages, cluster in clusters.items():
+        for key, cluster in clusters.items():
             cluster_run(cluster, prompt, raw, 4)
-            runs[stages] = []
+            runs[key] = []
         for _ in range(REPEATS):
             runs["mlx-lm"].append(single_process(model, prompt_ids, new_tokens))
-            for stages, cluster in clusters.items():
-                runs[stages].append(cluster_run(cluster, prompt, raw, new_tokens)[:2])
-        concurrency = concurrent_ratio(clusters[2], prompt, raw, new_tokens)
+            for key, cluster in clusters.items():
+                runs[key].append(cluster_run(cluster, prompt, raw, new_tokens)[:2])
+        concurrency = concurrent_ratio(clusters["pomona", 2], prompt, raw, new_tokens)
     best = {key: (max(r[0] for r in v), max(r[1] for r in v)) for key, v in runs.items()}
     sp_prefill, sp_decode = best["mlx-lm"]
     print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens, "
@@ -186,9 +217,9 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
     print(f"{'setup':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}"
           f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'N x RTT/2':>12}{'ratio':>7}")
     print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
-    one_stage_s = 1 / best[1][1]
-    for stages in LAYOUTS[name]:
-        prefill, decode = best[stages]
+    for label, stages in clusters:
+        one_stage_s = 1 / best[label, 1][1]
+        prefill, decode = best[label, stages]
         # Per token: extra time over single-process mlx-lm, and the part of it that the network
         # adds (over Pomona's own 1-stage cluster, which runs the same engine with no hop).
         overhead_s = 1 / decode - 1 / sp_decode
@@ -196,7 +227,7 @@ def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int,
         # A ring of N stages sends N one-way messages per token: N x RTT / 2.
         budget_s = stages * rtt / 2 if stages > 1 else 0.0
         ratio = f"{transport_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
-        print(f"{f'pomona {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
+        print(f"{f'{label} {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
               f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
               f"{overhead_s * 1e3:>9.2f} ms{transport_s * 1e3:>9.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
     print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
@@ -208,17 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--models", default="smollm2,tiny")
+    parser.add_argument("--compare", type=Path, metavar="TREE",
+                        help="also run clusters on the Pomona code in TREE (rows 'before')")
     args = parser.parse_args()
+    trees = {"pomona": None, **({"before": args.compare.resolve()} if args.compare else {})}
     with tempfile.TemporaryDirectory(prefix="pomona-bench-") as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
             if name == "smollm2":
                 model = build_model(load_gguf(fetch_default_model(True)))
-                bench_model(name, "default", model, False, PROMPT, args.new_tokens, work)
+                bench_model(name, "default", model, False, PROMPT, args.new_tokens, work, trees)
             elif name == "tiny":
                 path = make_tiny_checkpoint("llama", work / "tiny-llama")
                 model, _ = load_model(path)
-                bench_model(name, path, model, True, PROMPT, args.new_tokens * 4, work)
+                bench_model(name, path, model, True, PROMPT, args.new_tokens * 4, work, trees)
             else:
                 raise SystemExit(f"unknown model {name!r} (smollm2, tiny)")
             del model
