@@ -1,9 +1,14 @@
-"""The stage engine: the one thread of a worker that touches MLX, and the per-request state machine
-of the data plane.
+"""The stage engine: the thread of a worker that runs its stage in MLX, and the per-request state
+machine of the data plane.
 
 Every message of the data plane (``StageMessage``) and every control job (load, release) becomes a
-job on one queue, run in order on the engine's thread. MLX work therefore never crosses threads,
-and per-request order is the order of arrival on each stream.
+job on one queue, run in order on the engine's thread, so per-request order is the order of
+arrival on each stream. Expert requests from other nodes are served between jobs (ahead of queued
+ones) and while this node's own dispatches wait. A node that holds experts only runs them on the
+gRPC handler thread instead (no hand-off); ``mlx_lock`` keeps MLX work on one thread at a time.
+
+A broken link to the next stage fails every request here at once, naming the node; a request sent
+while it is down fails at its first send.
 
 A request's life on the ring of stages:
   stage 0 gets ``start`` (with the prompt) from the coordinator -> passes ``start`` on -> prefill in
