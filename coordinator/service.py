@@ -52,7 +52,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         placement = cluster.placement
         names = placement.nodes if placement else ()
         live = {}
-        if request.include_workers and cluster.state == "ready":
+        if request.include_workers and cluster.state in ("ready", "degraded"):
             replies = await asyncio.gather(*(cluster.worker_status(name) for name in names))
             live = dict(zip(names, replies))
         stages = {stage.node: stage for stage in placement.stages} if placement else {}
@@ -73,7 +73,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 load_fraction=node.load_fraction,
             )
             worker = live.get(name)
-            if request.include_workers and cluster.state == "ready":
+            if request.include_workers and cluster.state in ("ready", "degraded"):
                 if worker is None:
                     info.state = "unreachable"
                 else:
