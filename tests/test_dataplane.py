@@ -127,6 +127,9 @@ def _kill_while_generating(cluster, directory, victim: str) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert f"'{victim}'" in refused.value.details()
     assert "unreachable" in refused.value.details()
+    status = cluster.status()  # `pomona status` shows which node is gone
+    assert status.state == "degraded" and f"'{victim}'" in status.error
+    assert {s.node: s.state for s in status.stages}[victim] == "unreachable"
 
 
 def test_killed_stage_fails_requests_and_refuses_later_ones(tmp_path):

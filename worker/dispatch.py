@@ -122,7 +122,10 @@ class Dispatcher:
         try:
             while dispatch_id not in self._arrived:
                 if link.broken:
-                    raise LinkBroken(f"expert {link.broken}")
+                    self.serve_pending()  # the reply may have come in before the break
+                    if dispatch_id not in self._arrived:
+                        raise LinkBroken(f"expert {link.broken}")
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"expert node {node!r} did not answer within {timeout_s:.0f} s")
