@@ -3,17 +3,22 @@ in one run, on the real default model (SmolLM2-135M, compute-bound here) and on 
 compute is small enough that transport shows.
 
 Prints prefill and decode tok/s, ratios to single-process, the per-token transport overhead next to
-(hops per token x raw gRPC stream round trip) measured in the same run, and the throughput of two
+N x (RTT / 2) for a ring of N stages (N one-way messages per token), with the round trip measured
+in the same run on the data plane's own gRPC stack, threads and message size, and the throughput of two
 concurrent requests on two stages.
 
-    .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny]
+    .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny] [--compare TREE]
+
+With --compare, the same setups also run on the Pomona code in TREE (e.g. `git worktree add
+/tmp/before HEAD~3`), interleaved in the same rounds: before and after in one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -31,9 +36,11 @@ from cluster_helpers import running_cluster  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 from pomona.fetch import fetch_default_model  # noqa: E402
+from pomona.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from pomona.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 from pomona.tokenizer import load_tokenizer  # noqa: E402
 from worker.gguf_loader import build_model, load_gguf  # noqa: E402
+from worker.wire import encode_tensor  # noqa: E402
 
 PROMPT = (
     "Explain in a few sentences why splitting a language model across several computers "
@@ -61,23 +68,73 @@ def single_process(model, prompt_ids: list[int], new_tokens: int) -> tuple[float
     return len(prompt_ids) / (first - started), (new_tokens - 1) / (done - first)
 
 
-def stream_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
-    """Median round trip of one message on a persistent bidirectional gRPC stream (grpc.aio)."""
+def link_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
+    """Median round trip of one message on a persistent bidirectional gRPC stream, with the data
+    plane's own client stack and threading: a sync channel with Pomona's options, messages handed
+    to gRPC through a queue-fed iterator (as a link's sender does), replies read on a reader thread
+    and handed back through a queue (as the engine receives them). The worker's Ping handler echoes
+    on a server thread, as Forward and Experts run. A failure in the reader fails the run."""
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    failure: list[BaseException] = []
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        replies = worker_pb2_grpc.WorkerStub(channel).Ping(iter(outbox.get, None))
 
-    async def measure() -> float:
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = worker_pb2_grpc.WorkerStub(channel).Ping()
-            message = worker_pb2.PingMessage(payload=b"x" * payload_bytes)
-            times = []
-            for _ in range(count):
-                sent = time.perf_counter()
-                await call.write(message)
-                await call.read()
-                times.append(time.perf_counter() - sent)
-            await call.done_writing()
-            return statistics.median(times[20:])
+        def read() -> None:
+            try:
+                for reply in replies:
+                    inbox.put(reply)
+            except BaseException as error:  # noqa: BLE001 - reported to the measuring thread
+                failure.append(error)
+            inbox.put(None)
 
-    return asyncio.run(measure())
+        reader = threading.Thread(target=read, name="rtt-reader", daemon=True)
+        reader.start()
+        message = worker_pb2.PingMessage(payload=b"x" * payload_bytes)
+        times = []
+        for _ in range(count):
+            sent = time.perf_counter()
+            outbox.put(message)
+            if inbox.get(timeout=10) is None:
+                raise RuntimeError(f"the round-trip stream to {address} ended: {failure}")
+            times.append(time.perf_counter() - sent)
+        outbox.put(None)
+        reader.join(timeout=10)
+    if failure:
+        raise RuntimeError(f"the round-trip stream to {address} failed: {failure[0]}")
+    return statistics.median(times[20:])
+
+
+def stage_message_bytes(model) -> int:
+    """Bytes of one decode step's hidden state as a stage sends it: [1, 1, D] in the dtype the
+    model's embedding produces, wrapped in a StageMessage."""
+    hidden = model.model.embed_tokens(mx.array([[0]]))
+    message = worker_pb2.StageMessage(
+        request_id="0" * 32,
+        activations=worker_pb2.Activations(hidden=encode_tensor(hidden), sample=True),
+    )
+    return message.ByteSize()
+
+
+def run_threads(targets) -> None:
+    """Run callables on threads at once; an exception in any of them fails the run."""
+    errors: list[BaseException] = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+        if thread.is_alive():
+            raise RuntimeError("a benchmark thread did not finish within 600 s")
+    if errors:
+        raise RuntimeError(f"a benchmark thread failed: {errors[0]!r}") from errors[0]
 
 
 def cluster_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float, float, float]:
@@ -94,65 +151,87 @@ def concurrent_ratio(cluster, prompt: str, raw: bool, new_tokens: int) -> float:
     one = min(cluster_run(cluster, prompt, raw, new_tokens)[2] for _ in range(REPEATS))
     both = float("inf")
     for _ in range(REPEATS):
-        threads = [
-            threading.Thread(target=cluster_run, args=(cluster, prompt, raw, new_tokens))
-            for _ in range(2)
-        ]
         started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=600)
+        run_threads([lambda: cluster_run(cluster, prompt, raw, new_tokens)] * 2)
         both = min(both, time.perf_counter() - started)
     return (2 * new_tokens / both) / (new_tokens / one)
 
 
-def bench_model(name: str, path, model, raw: bool, prompt: str, new_tokens: int, work: Path):
+@contextlib.contextmanager
+def code_from(tree: Path | None):
+    """Clusters started inside run the Pomona code of ``tree`` (another checkout, e.g. the commit
+    before a change), so that before and after are measured in the same run."""
+    if tree is None:
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def start_clusters(stack, work: Path, name: str, path, layouts: dict, trees: dict) -> dict:
+    """(code label, stage count) -> a running cluster, for each tree and layout."""
+    clusters = {}
+    for label, tree in trees.items():
+        for stages, layout in layouts.items():
+            with code_from(tree):
+                clusters[label, stages] = stack.enter_context(
+                    running_cluster(work / f"{name}-{label}-{stages}", path, stages, layout)
+                )
+    return clusters
+
+
+def bench_model(
+    name: str, path, model, raw: bool, prompt: str, new_tokens: int, work: Path, trees: dict
+):
     tokenizer = load_tokenizer(Path(path) if path != "default" else fetch_default_model(True))
     prompt_ids = tokenizer.encode(prompt) if raw else tokenizer.encode_chat(
         [{"role": "user", "content": prompt}]
     )
     with contextlib.ExitStack() as stack:
-        clusters = {
-            stages: stack.enter_context(
-                running_cluster(work / f"{name}-{stages}", path, stages, layout)
-            )
-            for stages, layout in LAYOUTS[name].items()
-        }
-        rtt = stream_round_trip_s(clusters[2].status().stages[0].address, 4 * 576)
+        clusters = start_clusters(stack, work, name, path, LAYOUTS[name], trees)
+        message_bytes = stage_message_bytes(model)
+        rtt = link_round_trip_s(clusters["pomona", 2].status().stages[0].address, message_bytes)
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
         runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}
         single_process(model, prompt_ids, 4)
-        for stages, cluster in clusters.items():
+        for key, cluster in clusters.items():
             cluster_run(cluster, prompt, raw, 4)
-            runs[stages] = []
+            runs[key] = []
         for _ in range(REPEATS):
             runs["mlx-lm"].append(single_process(model, prompt_ids, new_tokens))
-            for stages, cluster in clusters.items():
-                runs[stages].append(cluster_run(cluster, prompt, raw, new_tokens)[:2])
-        concurrency = concurrent_ratio(clusters[2], prompt, raw, new_tokens)
+            for key, cluster in clusters.items():
+                runs[key].append(cluster_run(cluster, prompt, raw, new_tokens)[:2])
+        concurrency = concurrent_ratio(clusters["pomona", 2], prompt, raw, new_tokens)
     best = {key: (max(r[0] for r in v), max(r[1] for r in v)) for key, v in runs.items()}
     sp_prefill, sp_decode = best["mlx-lm"]
     print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens, "
           f"best of {REPEATS} ==")
     print(f"{'setup':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'prefill x':>11}"
-          f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'hops x RTT':>12}{'ratio':>7}")
+          f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'N x RTT/2':>12}{'ratio':>7}")
     print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
-    one_stage_s = 1 / best[1][1]
-    for stages in LAYOUTS[name]:
-        prefill, decode = best[stages]
+    for label, stages in clusters:
+        one_stage_s = 1 / best[label, 1][1]
+        prefill, decode = best[label, stages]
         # Per token: extra time over single-process mlx-lm, and the part of it that the network
         # adds (over Pomona's own 1-stage cluster, which runs the same engine with no hop).
         overhead_s = 1 / decode - 1 / sp_decode
         transport_s = 1 / decode - one_stage_s
-        budget_s = stages * rtt if stages > 1 else 0.0
+        # A ring of N stages sends N one-way messages per token: N x RTT / 2.
+        budget_s = stages * rtt / 2 if stages > 1 else 0.0
         ratio = f"{transport_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
-        print(f"{f'pomona {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
+        print(f"{f'{label} {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
               f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
               f"{overhead_s * 1e3:>9.2f} ms{transport_s * 1e3:>9.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
-    print(f"raw gRPC stream round trip (2.3 KB, grpc.aio, loopback): {rtt * 1e6:.0f} us; "
-          "hops per token = stages (a ring)")
+    print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
+          f"{rtt * 1e6:.0f} us; a ring of N stages sends N one-way messages per token")
     print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
 
 
@@ -160,17 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--models", default="smollm2,tiny")
+    parser.add_argument("--compare", type=Path, metavar="TREE",
+                        help="also run clusters on the Pomona code in TREE (rows 'before')")
     args = parser.parse_args()
+    trees = {"pomona": None, **({"before": args.compare.resolve()} if args.compare else {})}
     with tempfile.TemporaryDirectory(prefix="pomona-bench-") as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
             if name == "smollm2":
                 model = build_model(load_gguf(fetch_default_model(True)))
-                bench_model(name, "default", model, False, PROMPT, args.new_tokens, work)
+                bench_model(name, "default", model, False, PROMPT, args.new_tokens, work, trees)
             elif name == "tiny":
                 path = make_tiny_checkpoint("llama", work / "tiny-llama")
                 model, _ = load_model(path)
-                bench_model(name, path, model, True, PROMPT, args.new_tokens * 4, work)
+                bench_model(name, path, model, True, PROMPT, args.new_tokens * 4, work, trees)
             else:
                 raise SystemExit(f"unknown model {name!r} (smollm2, tiny)")
             del model

@@ -69,7 +69,7 @@ class NodeState:
 class Cluster:
     config: ClusterConfig
     log_dir: Path
-    state: str = "starting"  # starting, profiled, loading, ready, failed, stopping
+    state: str = "starting"  # starting, profiling, loading, ready, degraded, failed, stopping
     error: str = ""
     message: str = ""
     model: ModelInfo | None = None
@@ -88,6 +88,7 @@ class Cluster:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _first_stage_call: grpc.aio.StreamUnaryCall | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
 
     # -- bring-up ------------------------------------------------------------------------------
 
@@ -123,11 +124,9 @@ class Cluster:
             self._send_to_first_stage,
         )
         await _gather_all(self._load(node) for node in self.placement.nodes)
-        subscribed = [asyncio.Event() for _ in self.placement.stages]
-        for stage, event in zip(self.placement.stages, subscribed):
-            self._tasks.append(asyncio.create_task(self._consume_results(stage.node, event)))
-        # Tokens published before a subscription would be lost: wait until all are in place.
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in subscribed)), LOAD_TIMEOUT_S)
+        # Every node, expert-only ones too: a broken Results stream is how the coordinator learns
+        # that a node is gone.
+        await self._subscribe(self.placement.nodes)
         first = self.nodes[self.placement.stages[0].node]
         self._first_stage_call = first.stub.Forward(wait_for_ready=True)
         powers = {name: self.profile.node(name).power for name in self.placement.nodes}
@@ -198,6 +197,14 @@ class Cluster:
         finally:
             await self.stop()
 
+    async def _subscribe(self, names) -> None:
+        subscribed = {name: asyncio.Event() for name in names}
+        for name, event in subscribed.items():
+            self._tasks.append(asyncio.create_task(self._consume_results(name, event)))
+        # Tokens published before a subscription would be lost: wait until all are in place.
+        waits = asyncio.gather(*(e.wait() for e in subscribed.values()))
+        await asyncio.wait_for(waits, LOAD_TIMEOUT_S)
+
     async def _bring_up(self, state: NodeState) -> None:
         node = state.config
         state.process = await launch_worker(node, self.log_dir)
@@ -221,6 +228,7 @@ class Cluster:
             request.layer_start, request.layer_end = stage.layers.start, stage.layers.end
             request.is_first, request.is_last = stage.is_first, stage.is_last
             request.next_address = self.nodes[next_stage.node].config.address
+            request.next_node = next_stage.node
             request.stage_index, request.stage_count = index, len(placement.stages)
         else:
             request.experts_only = True
@@ -263,8 +271,55 @@ class Cluster:
     # -- the data plane, coordinator side ------------------------------------------------------
 
     async def _send_to_first_stage(self, message: worker_pb2.StageMessage) -> None:
+        if self._lost:
+            raise PomonaError(self.error)
         async with self._send_lock:  # one writer at a time on the stream
-            await self._first_stage_call.write(message)
+            try:
+                await self._first_stage_call.write(message)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, AttributeError) as error:
+                name = self.placement.stages[0].node
+                details = error.details() if isinstance(error, grpc.aio.AioRpcError) else "closed"
+                self._node_lost(name, details)
+                raise PomonaError(self.error or f"node {name!r} is unreachable") from None
+
+    def _node_lost(self, name: str, details: str) -> None:
+        """A node stopped answering: fail what is in flight, refuse new requests (one message
+        naming the node) until it answers again with its shard loaded."""
+        if self.state not in ("ready", "degraded") or name in self._lost:
+            return
+        node = self.nodes[name]
+        self._lost[name] = details
+        node.state = "unreachable"
+        self.state = "degraded"
+        lost = ", ".join(f"{n!r} at {self.nodes[n].config.address} ({why})" for n, why in self._lost.items())
+        self.error = (
+            f"node {lost} is unreachable; requests are refused until it answers again "
+            "(if its worker died: `pomona down`, then `pomona up`)"
+        )
+        log.error(self.error)
+        self.router.fail_all(self.error)
+        self._tasks.append(asyncio.create_task(self._watch_lost(name)))
+
+    async def _watch_lost(self, name: str) -> None:
+        """Poll a lost node; once it answers with its shard still loaded (it was cut off, not
+        restarted), subscribe again and serve again."""
+        node = self.nodes[name]
+        while self._lost.get(name) is not None and self.state == "degraded":
+            await asyncio.sleep(1.0)
+            try:
+                status = await node.stub.Status(worker_pb2.StatusRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                continue
+            if status.parameter_bytes != node.parameter_bytes:
+                continue  # restarted: its shard is gone, a reload is needed (see the error)
+            await self._subscribe([name])
+            if name == self.placement.stages[0].node:
+                self._first_stage_call = node.stub.Forward(wait_for_ready=True)
+            del self._lost[name]
+            node.state = "ready"
+            if not self._lost:
+                self.state, self.error = "ready", ""
+                log.info("node %r answers again: the cluster is ready", name)
 
     async def _consume_results(self, node_name: str, subscribed: asyncio.Event) -> None:
         stub = self.nodes[node_name].stub
@@ -275,10 +330,7 @@ class Cluster:
                     continue
                 self.router.dispatch(event)
         except grpc.aio.AioRpcError as error:
-            if self.state == "ready":
-                reason = f"lost contact with node {node_name!r}: {error.details()}"
-                log.error(reason)
-                self.router.fail_all(reason)
+            self._node_lost(node_name, error.details() or str(error.code()))
 
     # -- status and teardown -------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._stop_event = stop_event
 
     async def Generate(self, request, context):
+        if self.cluster.state == "degraded":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.cluster.error)
         if self.cluster.state != "ready":
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -94,7 +96,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         placement = cluster.placement
         names = placement.nodes if placement else ()
         live = {}
-        if request.include_workers and cluster.state == "ready":
+        if request.include_workers and cluster.state in ("ready", "degraded"):
             replies = await asyncio.gather(*(cluster.worker_status(name) for name in names))
             live = dict(zip(names, replies))
         stages = {stage.node: stage for stage in placement.stages} if placement else {}
@@ -115,7 +117,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 load_fraction=node.load_fraction,
             )
             worker = live.get(name)
-            if request.include_workers and cluster.state == "ready":
+            if request.include_workers and cluster.state in ("ready", "degraded"):
                 if worker is None:
                     info.state = "unreachable"
                 else:

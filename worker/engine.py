@@ -1,9 +1,14 @@
-"""The stage engine: the one thread of a worker that touches MLX, and the per-request state machine
-of the data plane.
+"""The stage engine: the thread of a worker that runs its stage in MLX, and the per-request state
+machine of the data plane.
 
 Every message of the data plane (``StageMessage``) and every control job (load, release) becomes a
-job on one queue, run in order on the engine's thread. MLX work therefore never crosses threads,
-and per-request order is the order of arrival on each stream.
+job on one queue, run in order on the engine's thread, so per-request order is the order of
+arrival on each stream. Expert requests from other nodes are served between jobs (ahead of queued
+ones) and while this node's own dispatches wait. A node that holds experts only runs them on the
+gRPC handler thread instead (no hand-off); ``mlx_lock`` keeps MLX work on one thread at a time.
+
+A broken link to the next stage fails every request here at once, naming the node; a request sent
+while it is down fails at its first send.
 
 A request's life on the ring of stages:
   stage 0 gets ``start`` (with the prompt) from the coordinator -> passes ``start`` on -> prefill in
@@ -29,7 +34,9 @@ from mlx.utils import tree_flatten
 
 from pomona.proto import worker_pb2
 
-from .experts import DISPATCH_TIMEOUT_S, ExpertHost, ExpertLink, ExpertStats
+from .dispatch import Dispatcher
+from .experts import ExpertStats
+from .link import Link, LinkBroken
 from .sampling import Sampler, SamplingConfig
 from .stage import StageModel
 from .wire import decode_tensor, encode_tensor
@@ -80,19 +87,19 @@ class StageEngine:
         self.stage: StageModel | None = None
         self.stage_index = 0
         self.stage_count = 1
-        self.send_next: Callable[[worker_pb2.StageMessage], None] | None = None
         self.requests: dict[str, RequestState] = {}
         self.results = ResultHub()
-        # Expert parallelism: requests from stage nodes for the experts held here, and wake-ups
-        # for replies to this node's own dispatches. While a dispatch waits, the engine keeps
-        # serving expert requests, so two nodes that hold each other's experts cannot deadlock.
-        self.expert_jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.expert_host: ExpertHost | None = None
-        self.expert_links: dict[str, ExpertLink] = {}
+        self.next_link: Link | None = None
+        # Expert parallelism: this node's dispatches, and requests for the experts held here.
         self.expert_stats = ExpertStats()
         # Measured compute, for the scheduler's predicted-vs-measured view (`pomona status`).
         self.busy_s = self.decode_busy_s = 0.0
         self.decode_steps = 0
+        self.dispatcher = Dispatcher(self.expert_stats)
+        self.experts_only = False
+        # Held by whichever thread runs MLX: the engine thread for every job, and, on a node that
+        # holds experts only, the gRPC handler threads that compute expert requests directly.
+        self.mlx_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
@@ -101,16 +108,20 @@ class StageEngine:
     def _run(self) -> None:
         while True:
             job, future = self._jobs.get()
-            try:
-                result = job()
-            except BaseException as error:  # reported to whoever waits on the job
-                if future is None:
-                    log.exception("engine job failed")
+            with self.mlx_lock:
+                # Expert requests go first: a stage node serves them between its own jobs, never
+                # behind queued prefill chunks.
+                self.dispatcher.serve_pending()
+                try:
+                    result = job()
+                except BaseException as error:  # reported to whoever waits on the job
+                    if future is None:
+                        log.exception("engine job failed")
+                    else:
+                        future.set_exception(error)
                 else:
-                    future.set_exception(error)
-            else:
-                if future is not None:
-                    future.set_result(result)
+                    if future is not None:
+                        future.set_result(result)
 
     def call(self, job: Callable[[], Any]) -> Future:
         """Run ``job`` on the engine thread; the future holds its result."""
@@ -119,60 +130,21 @@ class StageEngine:
         return future
 
     def submit_expert(self, request: worker_pb2.ExpertRequest) -> Future:
-        """Queue an expert request (from a gRPC handler thread); the future holds the reply."""
+        """An expert request from a gRPC handler thread; the future holds the reply. A stage node
+        serves it on the engine thread (its MLX work is there), at the next job boundary or
+        while it waits for its own dispatches."""
         future: Future = Future()
-        self.expert_jobs.put((request, future))
-        self._jobs.put((self._serve_expert_jobs, None))  # an idle engine serves it at once
+        self.dispatcher.submit_request(request, future.set_result)
+        self._jobs.put((lambda: None, None))  # wakes an idle engine, which serves it at once
         return future
 
-    def _run_expert_job(self, item) -> None:
-        if item is None:  # a wake-up for a dispatch nobody waits for any more
-            return
-        request, future = item
-        try:
-            if self.expert_host is None:
-                raise ValueError("this node holds no experts")
-            future.set_result(self.expert_host.compute(request))
-        except Exception as error:
-            future.set_result(worker_pb2.ExpertReply(error=f"{type(error).__name__}: {error}"))
-
-    def _serve_expert_jobs(self) -> None:
-        while True:
-            try:
-                item = self.expert_jobs.get_nowait()
-            except queue.Empty:
-                return
-            self._run_expert_job(item)
-
-    # -- the dispatcher used by DistributedSwitchGLU (engine thread) ---------------------------
-
-    @property
-    def stats(self) -> ExpertStats:
-        return self.expert_stats
-
-    def send(self, node: str, request: worker_pb2.ExpertRequest) -> None:
-        self.expert_links[node].send(request)
-
-    def receive(self, node: str) -> worker_pb2.ExpertReply:
-        """The next reply from ``node``, serving incoming expert requests while waiting."""
-        link = self.expert_links[node]
-        deadline = time.monotonic() + DISPATCH_TIMEOUT_S
-        while True:
-            try:
-                reply = link.replies.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"expert node {node} did not answer within {DISPATCH_TIMEOUT_S:.0f} s"
-                    ) from None
-                try:
-                    self._run_expert_job(self.expert_jobs.get(timeout=remaining))
-                except queue.Empty:
-                    pass
-                continue
-            if reply.error:
-                raise RuntimeError(f"expert node {node}: {reply.error}")
+    def compute_expert_here(self, request: worker_pb2.ExpertRequest) -> worker_pb2.ExpertReply:
+        """An expert-only node computes on the calling gRPC handler thread: no hand-off to the
+        engine and back. The lock keeps MLX work on one thread at a time."""
+        with self.mlx_lock:
+            started = time.perf_counter()
+            reply = self.dispatcher.compute(request)
+            self.busy_s += time.perf_counter() - started  # measured busy time, for energy
             return reply
 
     def submit(self, message: worker_pb2.StageMessage) -> None:
@@ -181,24 +153,35 @@ class StageEngine:
 
     # -- configuration (engine thread) ---------------------------------------------------------
 
-    def install(self, stage: StageModel | None, index: int, count: int, send_next) -> None:
+    def install(self, stage: StageModel | None, index: int, count: int, next_link) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
-        self.send_next = send_next if count > 1 else None
+        self.next_link = next_link if count > 1 else None
+        self.experts_only = stage is None and self.dispatcher.host is not None
+
+    def on_next_link_broken(self, reason: str) -> None:
+        """The next stage is gone: every request here needs it, so fail them all now (engine
+        thread), naming the node; later ones fail at their first send until it is back."""
+        for request_id in list(self.requests):
+            self.requests.pop(request_id, None)
+            self.results.publish(
+                worker_pb2.TokenEvent(request_id=request_id, error=f"next stage {reason}")
+            )
 
     def release(self) -> None:
         self.requests.clear()
         self.stage = None
-        self.send_next = None
-        self.expert_host = None
-        for link in self.expert_links.values():
-            link.close()
-        self.expert_links = {}
+        if self.next_link is not None:
+            self.next_link.close()
+        self.next_link = None
+        self.experts_only = False
+        self.dispatcher.host = None
+        self.dispatcher.close()
         mx.clear_cache()
 
     def parameter_bytes(self) -> int:
         total = self.stage.parameter_bytes if self.stage is not None else 0
-        if self.expert_host is not None:
-            for module, _ in self.expert_host.modules.values():
+        if self.dispatcher.host is not None:
+            for module, _ in self.dispatcher.host.modules.values():
                 total += sum(v.nbytes for _, v in tree_flatten(module.parameters()))
         return total
 
@@ -214,10 +197,13 @@ class StageEngine:
         return self.stage_index == self.stage_count - 1
 
     def _forward(self, message: worker_pb2.StageMessage) -> None:
-        if self.send_next is None:  # a single stage is its own next stage
+        if self.next_link is None:  # a single stage is its own next stage
             self.submit(message)
         else:
-            self.send_next(message)
+            try:
+                self.next_link.send(message)
+            except LinkBroken as error:
+                raise LinkBroken(f"next stage {error}") from None
 
     def _handle(self, message: worker_pb2.StageMessage) -> None:
         request_id = message.request_id
@@ -231,6 +217,9 @@ class StageEngine:
         """Run a request's work; a failure fails that request alone (reported, caches freed)."""
         try:
             work()
+        except LinkBroken as error:  # one line: the message names the node
+            log.error("request %s failed on stage %d: %s", request_id, self.stage_index, error)
+            self._fail(request_id, f"stage {self.stage_index}: {error}")
         except Exception as error:
             log.exception("request %s failed on stage %d", request_id, self.stage_index)
             self._fail(request_id, f"stage {self.stage_index}: {type(error).__name__}: {error}")
@@ -356,7 +345,10 @@ class StageEngine:
         next_index = (self.stage_index + 1) % self.stage_count
         if next_index != origin:
             end = worker_pb2.EndRequest(origin=origin)
-            self._forward(worker_pb2.StageMessage(request_id=request_id, end=end))
+            try:
+                self._forward(worker_pb2.StageMessage(request_id=request_id, end=end))
+            except LinkBroken:
+                pass  # the next stage is gone, and with it the request's caches there
 
     def _on_end(self, request_id: str, end: worker_pb2.EndRequest) -> None:
         self._end(request_id, end.origin)

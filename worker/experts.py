@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
+import math
 import struct
 import threading
 from collections import defaultdict
 from pathlib import Path
 
-import grpc
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from pomona.errors import ModelError
-from pomona.grpc_options import CHANNEL_OPTIONS
-from pomona.proto import worker_pb2, worker_pb2_grpc
+from pomona.proto import worker_pb2
 
-from .wire import decode_tensor, encode_tensor
+from .wire import decode_tensor, encode_tensor, host_view, tensor_from_host
 
 log = logging.getLogger(__name__)
 
-DISPATCH_TIMEOUT_S = 120.0
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
            "I32": np.int32, "U8": np.uint8}  # fmt: skip
 
@@ -119,38 +116,6 @@ class ExpertStats:
             return reply
 
 
-class ExpertLink:
-    """A persistent stream to one expert node; requests and replies in order."""
-
-    def __init__(self, node: str, address: str, notify: queue.SimpleQueue):
-        self.node, self.address = node, address
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.replies: queue.SimpleQueue = queue.SimpleQueue()
-        self._notify = notify
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        stub = worker_pb2_grpc.WorkerStub(self._channel)
-        self._responses = stub.Experts(iter(self._outbox.get, None), wait_for_ready=True)
-        threading.Thread(target=self._read, name=f"experts-{node}", daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for reply in self._responses:
-                self.replies.put(reply)
-                self._notify.put(None)  # wake the engine if it waits for this reply
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                failure = worker_pb2.ExpertReply(error=f"link to {self.node} broke: {error.details()}")
-                self.replies.put(failure)
-                self._notify.put(None)
-
-    def send(self, request: worker_pb2.ExpertRequest) -> None:
-        self._outbox.put(request)
-
-    def close(self) -> None:
-        self._outbox.put(None)
-        self._channel.close()
-
-
 class ExpertTable:
     """Which holder computes each expert of a layer: this node or one of its links."""
 
@@ -165,18 +130,21 @@ class ExpertTable:
         missing = [e for e in range(num_experts) if self.local_index[e] < 0 and not self.holders[e]]
         if missing:
             raise ModelError(f"experts {missing} are held by no node")
+        # Replicas take turns call by call: row c of the table gives each expert's owner on calls
+        # c, c + period, ... (-1: local), so a call looks its owners up in one numpy gather.
+        counts = [len(h) for h in self.holders if h]
+        self._period = math.lcm(*counts) if counts else 1
+        self._table = np.full((self._period, num_experts), -1, dtype=np.int32)
+        for expert, holders in enumerate(self.holders):
+            if self.local_index[expert] < 0:
+                for call in range(self._period):
+                    self._table[call, expert] = self.nodes.index(holders[call % len(holders)])
         self._calls = 0
 
     def owners(self, experts: np.ndarray) -> np.ndarray:
-        """Per pair: -1 for a local expert, else the index of the node (in ``nodes``) that runs it.
-        Replicas take turns call by call."""
+        """Per pair: -1 for a local expert, else the index of the node (in ``nodes``) that runs it."""
         self._calls += 1
-        owner = np.full(experts.shape, -1, dtype=np.int32)
-        for position, expert in enumerate(experts.tolist()):
-            if self.local_index[expert] < 0:
-                holders = self.holders[expert]
-                owner[position] = self.nodes.index(holders[self._calls % len(holders)])
-        return owner
+        return self._table[self._calls % self._period][experts]
 
 
 class DistributedSwitchGLU(nn.Module):
@@ -196,35 +164,49 @@ class DistributedSwitchGLU(nn.Module):
         experts = np.array(indices.reshape(-1)).astype(np.int32)  # [tokens * k]: routing decided
         rows = np.repeat(np.arange(flat.shape[0], dtype=np.int32), k)
         owner = self._table.owners(experts)
-        sent = []
-        for node_index, node in enumerate(self._table.nodes):
-            pairs = np.nonzero(owner == node_index)[0]
-            if pairs.size:
-                # Each token once per destination node, however many of its experts are there.
-                tokens, pair_rows = np.unique(rows[pairs], return_inverse=True)
-                request = worker_pb2.ExpertRequest(
-                    layer=self.layer,
-                    hidden=encode_tensor(flat[mx.array(tokens)]),
-                    pair_rows=pair_rows.astype(np.int32).tolist(),
-                    pair_experts=experts[pairs].tolist(),
-                )
-                self._dispatcher.send(node, request)
-                sent.append((node, pairs, request.hidden.ByteSize()))
-        parts = []
-        local_pairs = np.nonzero(owner < 0)[0]
-        if local_pairs.size:  # runs while the remote nodes work
-            local_ids = mx.array(self._table.local_index[experts[local_pairs]])[:, None]
-            output = self.local(flat[mx.array(rows[local_pairs])], local_ids)[:, 0]  # [pairs, D]
-            mx.eval(output)
-            parts.append((local_pairs, output))
-            self._dispatcher.stats.count_tokens(self.layer, experts[local_pairs])
-        for node, pairs, sent_bytes in sent:
-            reply = self._dispatcher.receive(node)
-            parts.append((pairs, decode_tensor(reply.output)))
-            self._dispatcher.stats.count_link(node, sent_bytes, reply.output.ByteSize())
-        combined = mx.zeros((experts.size, width), dtype=x.dtype)
-        for pairs, output in parts:
-            combined[mx.array(pairs)] = output.astype(x.dtype)
+        dispatcher = self._dispatcher
+        sent = []  # (node, pairs, dispatch id, bytes sent)
+        parts = []  # (pairs, output [pairs, D])
+        try:
+            if (owner >= 0).any():
+                # One host view of the tokens (already evaluated with the routing); each
+                # destination gets its rows from it, each token once however many of its
+                # experts the node holds.
+                host, dtype = host_view(flat)
+                for node_index, node in enumerate(self._table.nodes):
+                    pairs = np.nonzero(owner == node_index)[0]
+                    if not pairs.size:
+                        continue
+                    tokens, pair_rows = np.unique(rows[pairs], return_inverse=True)
+                    hidden = tensor_from_host(host[tokens], dtype)
+                    request = worker_pb2.ExpertRequest(
+                        layer=self.layer, hidden=hidden,
+                        pair_rows=pair_rows.astype(np.int32).tolist(),
+                        pair_experts=experts[pairs].tolist(),
+                    )
+                    dispatch_id = dispatcher.send(node, request)
+                    sent.append((node, pairs, dispatch_id, request.ByteSize()))
+            local_pairs = np.nonzero(owner < 0)[0]
+            if local_pairs.size:
+                # Computed while the remote nodes work; evaluated once their replies are in.
+                local_ids = mx.array(self._table.local_index[experts[local_pairs]])[:, None]
+                output = self.local(flat[mx.array(rows[local_pairs])], local_ids)[:, 0]
+                mx.async_eval(output)
+                parts.append((local_pairs, output))
+                dispatcher.stats.count_tokens(self.layer, experts[local_pairs])
+            for node, pairs, dispatch_id, sent_bytes in sent:
+                reply = dispatcher.receive(node, dispatch_id)
+                parts.append((pairs, decode_tensor(reply.output)))
+                dispatcher.stats.count_link(node, sent_bytes, reply.ByteSize())
+        except BaseException:
+            dispatcher.abandon([dispatch_id for _, _, dispatch_id, _ in sent])
+            raise
+        # Every (token, expert) output where SwitchGLU puts it: one gather over the parts.
+        order = np.concatenate([pairs for pairs, _ in parts])
+        outputs = mx.concatenate([output.astype(x.dtype) for _, output in parts])
+        combined = outputs if len(parts) == 1 and (order == np.arange(order.size)).all() else (
+            outputs[mx.array(np.argsort(order).astype(np.int32))]
+        )
         return combined.reshape(*indices.shape, width)  # [..., k, D] like SwitchGLU
 
 

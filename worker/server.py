@@ -21,9 +21,9 @@ from pomona.grpc_options import SERVER_OPTIONS
 from pomona.power import detect_meter
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
+from .dispatch import DISPATCH_TIMEOUT_S
 from .engine import StageEngine
-from .experts import DISPATCH_TIMEOUT_S, ExpertLink
-from .link import NextStageLink
+from .link import GrpcLink
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, stop_server) -> None:
         self.engine = StageEngine()
-        self._link: NextStageLink | None = None
         self._loaded: worker_pb2.LoadShardRequest | None = None
         self._stop_server = stop_server
         self._meter = None
@@ -95,10 +94,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             for group in request.remote_experts:
                 remote[group.layer][group.node] = list(group.expert_ids)
                 addresses[group.node] = group.address
-            engine.expert_links = {
-                node: ExpertLink(node, address, engine.expert_jobs)
-                for node, address in addresses.items()
-            }
+            engine.dispatcher.connect(addresses)
             stage_layers = range(0) if request.experts_only else range(
                 request.layer_start, request.layer_end
             )
@@ -107,7 +103,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 plan = None
                 if remote:
                     own = {layer: ids for layer, ids in held.items() if layer in stage_layers}
-                    plan = ExpertPlan(own, dict(remote), engine)
+                    plan = ExpertPlan(own, dict(remote), engine.dispatcher)
                 stage = load_stage(
                     request.model_path,
                     request.layer_start,
@@ -119,15 +115,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
             hosted = {layer: ids for layer, ids in held.items() if layer not in stage_layers}
             if hosted:
-                engine.expert_host = load_expert_host(
+                engine.dispatcher.host = load_expert_host(
                     request.model_path, hosted, engine.expert_stats
                 )
                 report(1.0, f"experts of layers {sorted(hosted)} loaded")
-            send_next = None if request.experts_only else self._connect(request)
-            engine.install(stage, request.stage_index, request.stage_count, send_next)
+            next_link = None if request.experts_only else self._connect(request)
+            engine.install(stage, request.stage_index, request.stage_count, next_link)
             return engine.parameter_bytes()
 
-        self._disconnect()
         job = self.engine.call(load)
         job.add_done_callback(lambda _: progress.put(None))
         while (item := progress.get()) is not None:
@@ -147,16 +142,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             rss_bytes=psutil.Process().memory_info().rss,
         )
 
-    def _connect(self, request):
+    def _connect(self, request) -> GrpcLink | None:
         if request.stage_count <= 1:
             return None
-        self._link = NextStageLink(request.next_address)
-        return self._link.send
+        engine = self.engine
 
-    def _disconnect(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        def broken(node: str, reason: str) -> None:
+            engine.call(lambda: engine.on_next_link_broken(reason))
+
+        name = request.next_node or request.next_address
+        return GrpcLink(name, request.next_address, "stage", on_broken=broken)
 
     def Status(self, request, context):
         def snapshot():
@@ -201,7 +196,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return self._meter or None
 
     def Release(self, request, context):
-        self._disconnect()
         self.engine.call(self.engine.release).result(timeout=60)
         self._loaded = None
         return worker_pb2.ReleaseReply()
@@ -219,11 +213,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         yield from request_iterator
 
     def Experts(self, request_iterator, context):
+        engine = self.engine
         for request in request_iterator:
+            if engine.experts_only:
+                yield engine.compute_expert_here(request)
+                continue
             try:
-                yield self.engine.submit_expert(request).result(timeout=DISPATCH_TIMEOUT_S)
+                yield engine.submit_expert(request).result(timeout=DISPATCH_TIMEOUT_S)
             except TimeoutError:
-                yield worker_pb2.ExpertReply(error="expert computation timed out")
+                yield worker_pb2.ExpertReply(
+                    error="expert computation timed out", dispatch_id=request.dispatch_id
+                )
 
     def ExpertStats(self, request, context):
         return self.engine.expert_stats.to_proto()

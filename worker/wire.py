@@ -18,12 +18,23 @@ _TO_MX = {
 
 
 def encode_tensor(array: mx.array) -> worker_pb2.Tensor:
+    """``array`` (evaluated here) as raw bytes in its own dtype: the model's activations travel
+    at their own precision (bfloat16 as 2 bytes), never widened."""
+    return tensor_from_host(*host_view(array))
+
+
+def host_view(array: mx.array) -> tuple[np.ndarray, str]:
+    """A zero-copy numpy view of ``array`` (evaluating it) and its dtype name; bfloat16 is viewed
+    as its raw 16-bit pattern. Slice it with numpy and send slices with ``tensor_from_host``."""
     dtype = str(array.dtype).removeprefix("mlx.core.")
     if dtype not in _TO_MX:
         raise ValueError(f"cannot send a tensor of dtype {dtype}")
     raw = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
-    data = np.asarray(raw).tobytes()
-    return worker_pb2.Tensor(data=data, dtype=dtype, shape=list(array.shape))
+    return np.asarray(raw), dtype
+
+
+def tensor_from_host(host: np.ndarray, dtype: str) -> worker_pb2.Tensor:
+    return worker_pb2.Tensor(data=host.tobytes(), dtype=dtype, shape=list(host.shape))
 
 
 def decode_tensor(tensor: worker_pb2.Tensor) -> mx.array:

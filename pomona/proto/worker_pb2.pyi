@@ -159,7 +159,7 @@ class MeasureLinksReply(_message.Message):
     def __init__(self, links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only")
+    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class LoadShardRequest(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -184,7 +185,8 @@ class LoadShardRequest(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
     remote_experts: _containers.RepeatedCompositeFieldContainer[RemoteExperts]
     experts_only: bool
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ...) -> None: ...
+    next_node: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ...) -> None: ...
 
 class ExpertGroup(_message.Message):
     __slots__ = ("layer", "expert_ids")
@@ -343,24 +345,28 @@ class ResultsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "pair_rows", "pair_experts")
+    __slots__ = ("layer", "hidden", "pair_rows", "pair_experts", "dispatch_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_ROWS_FIELD_NUMBER: _ClassVar[int]
     PAIR_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     pair_rows: _containers.RepeatedScalarFieldContainer[int]
     pair_experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    dispatch_id: int
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[_Iterable[int]] = ..., pair_experts: _Optional[_Iterable[int]] = ..., dispatch_id: _Optional[int] = ...) -> None: ...
 
 class ExpertReply(_message.Message):
-    __slots__ = ("output", "error")
+    __slots__ = ("output", "error", "dispatch_id")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_ID_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     error: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    dispatch_id: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ..., dispatch_id: _Optional[int] = ...) -> None: ...
 
 class ExpertStatsRequest(_message.Message):
     __slots__ = ()
