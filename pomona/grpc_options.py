@@ -7,9 +7,10 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
-# Data-plane links (stage to stage, stage to expert node) ping their peer every second and give
-# up after another second without an answer: a peer that vanishes without closing its sockets (a
-# powered-off Mac, a pulled cable) fails its requests in about 2 s instead of hanging them.
+# Data-plane links (stage to stage, stage to expert node) ping their peer every second and should
+# give up after another second without an answer, so that a peer that vanishes without closing its
+# sockets (a powered-off Mac, a pulled cable) fails its requests instead of hanging them. Not yet
+# effective: a SIGSTOPped peer took ~61 s to fail a request (README, "What remains").
 DATA_CHANNEL_OPTIONS = [
     *CHANNEL_OPTIONS,
     ("grpc.keepalive_time_ms", 1000),
