@@ -78,17 +78,29 @@ class Cluster:
     nodes: dict[str, NodeState] = field(default_factory=dict)
     # The scheduler's inputs and outputs (set during bring-up).
     profile: ClusterProfile | None = None
-    measurements: dict[str, NodeMeasurement] = field(default_factory=dict)
-    objective: str = ""
-    prediction: Prediction | None = None
-    left_out: dict[str, str] = field(default_factory=dict)
-    baselines: tuple[PlanOption, ...] = ()
     energy: EnergyAccount | None = None
     plan: Plan | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _first_stage_call: grpc.aio.StreamUnaryCall | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
+
+    # The plan's parts, for status (empty until the cluster is placed).
+    @property
+    def objective(self) -> str:
+        return self.plan.objective if self.plan else ""
+
+    @property
+    def prediction(self) -> Prediction | None:
+        return self.plan.chosen.prediction if self.plan else None
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        return self.plan.left_out if self.plan else {}
+
+    @property
+    def baselines(self) -> tuple[PlanOption, ...]:
+        return self.plan.baselines if self.plan else ()
 
     # -- bring-up ------------------------------------------------------------------------------
 
@@ -149,9 +161,7 @@ class Cluster:
             self.message = f"node {name!r} profiled {how}; power {power}"
             self.nodes[name].state = "profiled"
 
-        self.profile, self.measurements = await profile_cluster(
-            self.config, self.model, infos, stubs, on_node
-        )
+        self.profile, _ = await profile_cluster(self.config, self.model, infos, stubs, on_node)
 
     def _place(self) -> None:
         """Explicit stages from cluster.yaml, or the planner's choice for the objective."""
@@ -182,8 +192,6 @@ class Cluster:
                 chosen = replace(self.plan.chosen, placement=placement, prediction=prediction)
                 self.plan = replace(self.plan, chosen=chosen)
         self.placement = self.plan.chosen.placement
-        self.objective, self.prediction = self.plan.objective, self.plan.chosen.prediction
-        self.left_out, self.baselines = self.plan.left_out, self.plan.baselines
 
     async def measure_and_plan(self) -> Plan:
         """`pomona plan`: start the nodes, measure, plan, and stop them again; nothing loads."""

@@ -68,11 +68,6 @@ class Prediction:
     def decode_tok_s(self) -> float:
         return 1.0 / self.decode_s_per_token if self.decode_s_per_token > 0 else math.inf
 
-    @property
-    def watts(self) -> float:
-        """Average cluster draw while serving the workload."""
-        return self.j_per_token * self.throughput_tok_s
-
 
 def hidden_bytes_per_token(model: ModelInfo) -> int:
     return max(model.hidden_size, 1) * WIRE_ACTIVATION_BYTES
@@ -213,7 +208,10 @@ def _ttft(
 
 
 def _prefill_energy(
-    cluster: ClusterProfile, placement: Placement, costs: list[StageCost], workload: Workload,
+    cluster: ClusterProfile,
+    placement: Placement,
+    costs: list[StageCost],
+    workload: Workload,
     ttft_s: float,
 ) -> float:
     """Idle power of every serving node for the TTFT, plus each stage's extra busy power while it

@@ -38,6 +38,7 @@ free: compute only, as prima.cpp).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,9 +47,17 @@ from pomona.costmodel import Prediction, predict
 from pomona.errors import PlacementError
 from pomona.experts import plan_experts_for_stages
 from pomona.modelinfo import ModelInfo
-from pomona.placement import LayerRange, Placement, StagePlacement, assign_layers, check_fit
+from pomona.placement import Placement, StagePlacement, assign_layers, check_fit
 from pomona.profiles import ClusterProfile, Workload
-from pomona.split_search import SMALL_WORK, ExactSearch, Search, Tables, build_tables, stages_of
+from pomona.split_search import (
+    SMALL_WORK,
+    ExactSearch,
+    Search,
+    Tables,
+    build_tables,
+    stage_placements,
+    stages_of,
+)
 from pomona.weight_bytes import format_bytes
 
 
@@ -203,13 +212,7 @@ def baselines(
 
 
 def _stages(names: Sequence[str], sizes: Sequence[int]) -> tuple[StagePlacement, ...]:
-    stages, start = [], 0
-    for index, (name, size) in enumerate(zip(names, sizes)):
-        stages.append(
-            StagePlacement(name, LayerRange(start, start + size), index == 0, index == len(names) - 1)
-        )
-        start += size
-    return tuple(stages)
+    return stage_placements(names, list(itertools.accumulate(sizes)))
 
 
 def _no_fit(model: ModelInfo, cluster: ClusterProfile, kv_tokens: int) -> PlacementError:

@@ -164,12 +164,17 @@ def best_split(t: Tables, seq: Sequence[int], weights: _Weights, stage_cap_s: fl
     raise AssertionError("unreachable")
 
 
-def stages_of(t: Tables, seq: Sequence[int], ends: Sequence[int]) -> tuple[StagePlacement, ...]:
+def stage_placements(names: Sequence[str], ends: Sequence[int]) -> tuple[StagePlacement, ...]:
+    """Stages in ring order: node `names[m]` runs layers [ends[m - 1], ends[m])."""
     stages, start = [], 0
-    for m, (node, end) in enumerate(zip(seq, ends)):
-        stages.append(StagePlacement(t.names[node], LayerRange(start, end), m == 0, m == len(seq) - 1))
+    for m, (name, end) in enumerate(zip(names, ends)):
+        stages.append(StagePlacement(name, LayerRange(start, end), m == 0, m == len(names) - 1))
         start = end
     return tuple(stages)
+
+
+def stages_of(t: Tables, seq: Sequence[int], ends: Sequence[int]) -> tuple[StagePlacement, ...]:
+    return stage_placements([t.names[node] for node in seq], ends)
 
 
 def _sequences(t: Tables, cluster: ClusterProfile, model: ModelInfo):
@@ -244,15 +249,19 @@ class Search:
                 best = (cost, seq, ends)
         return best
 
-    def latency_of(self, seq, ends) -> float:
-        t, start, total = self.t, 0, 0.0
+    def _stage_seconds(self, seq, ends):
+        """Each stage's (node, decode compute seconds incl. embedding first and head last)."""
+        t, start = self.t, 0
         for m, (node, end) in enumerate(zip(seq, ends)):
-            total += t.compute[node, start, end]
-            total += t.embed_s[node] if m == 0 else t.hop_s[seq[m - 1], node]
+            seconds = t.compute[node, start, end] + (t.embed_s[node] if m == 0 else 0.0)
+            yield node, seconds + (t.head_s[node] if m == len(seq) - 1 else 0.0)
             start = end
-        if len(seq) > 1:
-            total += t.back_s[seq[-1], seq[0]]
-        return total + t.head_s[seq[-1]]
+
+    def latency_of(self, seq, ends) -> float:
+        t = self.t
+        hops = sum(t.hop_s[a, b] for a, b in zip(seq, seq[1:]))
+        back = t.back_s[seq[-1], seq[0]] if len(seq) > 1 else 0.0
+        return sum(s for _, s in self._stage_seconds(seq, ends)) + hops + back
 
     def balanced(self, slack: float):
         best_latency, *_ = self.latency()
@@ -263,7 +272,7 @@ class Search:
             if fast > bound:
                 continue
             candidates = [(seq, fast_ends)]
-            cost, ends = best_split(self.t, seq, _weights_energy(self.t, seq))
+            _, ends = best_split(self.t, seq, _weights_energy(self.t, seq))
             if ends is not None and self.latency_of(seq, ends) <= bound:
                 candidates.append((seq, ends))
             else:  # bisect lambda: the least energy still within the bound
@@ -326,15 +335,9 @@ class Search:
         return ends
 
     def energy_of(self, seq, ends) -> float:
-        t, start, total = self.t, 0, 0.0
-        idle = float(t.idle_w[list(seq)].sum())
-        total = idle * self.latency_of(seq, ends)
-        for m, (node, end) in enumerate(zip(seq, ends)):
-            busy = t.compute[node, start, end] + (t.embed_s[node] if m == 0 else 0.0)
-            busy += t.head_s[node] if m == len(seq) - 1 else 0.0
-            total += t.extra_w[node] * busy
-            start = end
-        return total
+        idle = float(self.t.idle_w[list(seq)].sum())
+        busy = sum(self.t.extra_w[node] * s for node, s in self._stage_seconds(seq, ends))
+        return idle * self.latency_of(seq, ends) + busy
 
     def throughput(self, concurrency: int):
         latency, seq, ends = self.latency()
@@ -357,13 +360,7 @@ class Search:
         return best
 
     def _bottleneck(self, seq, ends) -> float:
-        t, start, worst = self.t, 0, 0.0
-        for m, (node, end) in enumerate(zip(seq, ends)):
-            stage = t.compute[node, start, end] + (t.embed_s[node] if m == 0 else 0.0)
-            stage += t.head_s[node] if m == len(seq) - 1 else 0.0
-            worst = max(worst, stage)
-            start = end
-        return worst
+        return max(s for _, s in self._stage_seconds(seq, ends))
 
     def _rate(self, seq, ends, concurrency: int) -> float:
         return min(concurrency / self.latency_of(seq, ends), 1.0 / self._bottleneck(seq, ends))
@@ -387,7 +384,7 @@ def _pareto_prune(labels: list[tuple]) -> list[tuple]:
     return kept
 
 
-def _paretobest_split(
+def _pareto_splits(
     t: Tables, seq: Sequence[int], track_bottleneck: bool = True
 ) -> list[tuple[float, float, float, list[int]]]:
     """Every Pareto-optimal split of `seq` in (latency T, busiest stage B, extra busy energy D).
@@ -423,7 +420,7 @@ def _paretobest_split(
                 stage = compute[node, i, j] + (t.head_s[node] if last else 0.0)
                 for lat, worst, energy, path in previous:
                     labels.append(
-                        (lat + hop + stage, max(worst, stage), energy + extra[node] * stage, path + [j])
+                        (lat + hop + stage, worst_of(worst, stage), energy + extra[node] * stage, path + [j])
                     )
             if labels:
                 new_states[j] = _pareto_prune(labels)
@@ -443,7 +440,7 @@ class ExactSearch:
         self.labels = []  # (T, B, D, idle of S, seq, ends)
         for seq in search.sequences:
             idle = float(self.t.idle_w[list(seq)].sum())
-            for lat, worst, energy, ends in _paretobest_split(self.t, seq, concurrency > 1):
+            for lat, worst, energy, ends in _pareto_splits(self.t, seq, concurrency > 1):
                 self.labels.append((lat, worst, energy, idle, seq, ends))
 
     def best(self, objective: str, slack: float, concurrency: int):

@@ -5,6 +5,7 @@ when the test fails."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -128,6 +129,16 @@ def assert_all_gone(pids: Sequence[int], timeout_s: float = 20) -> None:
     for pid in alive:  # never leave a process behind, even on failure
         psutil.Process(pid).kill()
     assert not alive, f"processes outlived `pomona down`: {alive}"
+
+
+def processes_using(marker: str) -> list[int]:
+    """Pids of the processes (other than this one) whose command line contains `marker`."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if marker in cmdline and process.info["pid"] != os.getpid():
+            found.append(process.info["pid"])
+    return found
 
 
 def is_running(pid: int) -> bool:

@@ -3,11 +3,8 @@ left behind. Each row: a cluster.yaml (or command) and a distinctive part of the
 
 from __future__ import annotations
 
-import os
-
-import psutil
 import pytest
-from cluster_helpers import free_ports, pomona, running_cluster
+from cluster_helpers import free_ports, pomona, processes_using, running_cluster
 from tiny_models import make_tiny_checkpoint
 
 
@@ -164,17 +161,8 @@ def test_bad_expert_placement(tmp_path, moe_dir, name, template, expected):
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert _processes_using(str(tmp_path)) == []
-    assert all(_processes_using(f"--port {p}") == [] for p in (p1, p2))
-
-
-def _processes_using(marker: str) -> list[int]:
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if marker in cmdline and process.info["pid"] != os.getpid():
-            found.append(process.info["pid"])
-    return found
+    assert processes_using(str(tmp_path)) == []
+    assert all(processes_using(f"--port {p}") == [] for p in (p1, p2))
 
 
 @pytest.mark.parametrize("name,template,expected", CASES, ids=[c[0] for c in CASES])
@@ -190,8 +178,8 @@ def test_bad_cluster_yaml(tmp_path, model_dir, name, template, expected):
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     # A failed `up` leaves nothing behind.
-    assert _processes_using(str(tmp_path)) == []
-    assert all(_processes_using(f"--port {p}") == [] for p in (p1, p2, p3))
+    assert processes_using(str(tmp_path)) == []
+    assert all(processes_using(f"--port {p}") == [] for p in (p1, p2, p3))
 
 
 def test_missing_cluster_yaml(tmp_path):

@@ -24,15 +24,6 @@ MOE_LAYERS = {"llama": set(), "llama4": {1, 3, 5, 7}, "mixtral": None, "qwen3_mo
               "deepseek_v3": {1, 2, 3}}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    made = {family: make_tiny_checkpoint(family, root / family) for family in FAMILIES}
-    made["mixtral-q4"] = make_tiny_checkpoint("mixtral", root / "mixtral-q4", quantize_bits=4)
-    made["llama-bf16"] = make_tiny_checkpoint("llama", root / "llama-bf16", dtype="bfloat16")
-    return made
-
-
 @pytest.fixture
 def measure_calls(monkeypatch):
     """Counts the profiler's timed measurements (each still runs for real)."""
@@ -52,8 +43,8 @@ def _text_config(path):
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "mixtral-q4", "llama-bf16"])
-def test_profile_has_one_positive_entry_per_layer(checkpoints, name, tmp_path):
-    path = checkpoints[name]
+def test_profile_has_one_positive_entry_per_layer(family_checkpoints, name, tmp_path):
+    path = family_checkpoints[name]
     config = _text_config(path)
     profile = profile_compute(path, cache_dir=tmp_path, **FAST)
 
@@ -72,9 +63,9 @@ def test_profile_has_one_positive_entry_per_layer(checkpoints, name, tmp_path):
     assert profile.experts_per_token == (config["num_experts_per_tok"] if expected else 0)
 
 
-def test_same_kind_layers_share_one_measurement(checkpoints, tmp_path, measure_calls):
+def test_same_kind_layers_share_one_measurement(family_checkpoints, tmp_path, measure_calls):
     # llama4 (8 layers): chunked dense, chunked MoE and global-NoPE MoE layers are three kinds.
-    profile = profile_compute(checkpoints["llama4"], cache_dir=tmp_path, **FAST)
+    profile = profile_compute(family_checkpoints["llama4"], cache_dir=tmp_path, **FAST)
     assert len(set(profile.decode_layer_s)) <= 3
     assert profile.decode_layer_s[0] == profile.decode_layer_s[2] == profile.decode_layer_s[6]
     assert profile.decode_layer_s[3] == profile.decode_layer_s[7]
@@ -89,14 +80,14 @@ def test_long_context_decode_costs_more_than_short(tmp_path):
     assert all(long > short for short, long in zip(profile.decode_layer_s, profile.decode_layer_long_s))
 
 
-def test_contexts_are_capped_at_the_model_context_length(checkpoints, tmp_path):
-    profile = profile_compute(checkpoints["llama"], prefill_chunk_tokens=16, short_context=4096,
+def test_contexts_are_capped_at_the_model_context_length(family_checkpoints, tmp_path):
+    profile = profile_compute(family_checkpoints["llama"], prefill_chunk_tokens=16, short_context=4096,
                               long_context=10**6, cache_dir=tmp_path, time_budget_s=5.0)  # fmt: skip
     assert profile.short_context == profile.long_context == 2048  # max_position_embeddings
 
 
-def test_second_call_is_served_from_the_cache(checkpoints, tmp_path, measure_calls):
-    path = checkpoints["mixtral"]
+def test_second_call_is_served_from_the_cache(family_checkpoints, tmp_path, measure_calls):
+    path = family_checkpoints["mixtral"]
     first, cached = profile_compute_cached(path, cache_dir=tmp_path, **FAST)
     measured = len(measure_calls)
     assert not cached and measured > 0
@@ -112,9 +103,9 @@ def test_second_call_is_served_from_the_cache(checkpoints, tmp_path, measure_cal
     assert len(measure_calls) > measured and len(list(tmp_path.glob("*.json"))) == 2
 
 
-def test_cache_misses_on_another_machine_or_an_unreadable_entry(checkpoints, tmp_path, measure_calls,
+def test_cache_misses_on_another_machine_or_an_unreadable_entry(family_checkpoints, tmp_path, measure_calls,
                                                                 monkeypatch):  # fmt: skip
-    path = checkpoints["llama"]
+    path = family_checkpoints["llama"]
     profile_compute(path, cache_dir=tmp_path, **FAST)
     measured = len(measure_calls)
 
@@ -129,9 +120,9 @@ def test_cache_misses_on_another_machine_or_an_unreadable_entry(checkpoints, tmp
     assert len(measure_calls) > measured
 
 
-def test_default_cache_dir_follows_pomona_cache(checkpoints, tmp_path, monkeypatch):
+def test_default_cache_dir_follows_pomona_cache(family_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("POMONA_CACHE", str(tmp_path))
-    profile_compute(checkpoints["llama"], **FAST)
+    profile_compute(family_checkpoints["llama"], **FAST)
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
 
 

@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 import yaml
-from cluster_helpers import assert_all_gone, free_ports, pomona, running_cluster
+from cluster_helpers import assert_all_gone, free_ports, pomona, processes_using, running_cluster
 from emulation import DelayProxy, cpu_group, throttle_available, throttled_python
 from tiny_models import make_tiny_checkpoint, reference_generate
 
@@ -137,18 +137,7 @@ def test_energy_objective_picks_the_frugal_node_latency_the_fast_one(tmp_path, m
     for name in ("even", "memory", "compute"):
         assert name in plans["energy"]["baselines"]
     # `plan` loads nothing and leaves no worker behind.
-    assert_all_gone(_workers_on(ports[1:]))
-
-
-def _workers_on(ports) -> list[int]:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "worker" in cmdline and any(f"--port {p}" in cmdline for p in ports):
-            found.append(process.info["pid"])
-    return found
+    assert_all_gone([pid for p in ports[1:] for pid in processes_using(f"--port {p}")])
 
 
 def test_links_are_measured_over_the_data_plane_stack(tmp_path):

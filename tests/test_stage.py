@@ -9,19 +9,10 @@ import pytest
 from layouts import LAYOUTS, PROMPT
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
-from tiny_models import FAMILIES, make_tiny_checkpoint, reference_generate, reference_logits
+from tiny_models import FAMILIES, reference_generate, reference_logits
 
 from pomona.tokenizer import load_tokenizer
 from worker.stage import load_stage
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    made = {family: make_tiny_checkpoint(family, root / family) for family in FAMILIES}
-    made["mixtral-q4"] = make_tiny_checkpoint("mixtral", root / "mixtral-q4", quantize_bits=4)
-    made["llama-bf16"] = make_tiny_checkpoint("llama", root / "llama-bf16", dtype="bfloat16")
-    return made
 
 
 def _chain(path, layout):
@@ -40,8 +31,8 @@ CASES = [(f, n) for f in FAMILIES for n in (2, 3)] + [("mixtral-q4", 2), ("llama
 
 
 @pytest.mark.parametrize("name,stage_count", CASES)
-def test_stage_chain_equals_whole_model(checkpoints, name, stage_count):
-    path = checkpoints[name]
+def test_stage_chain_equals_whole_model(family_checkpoints, name, stage_count):
+    path = family_checkpoints[name]
     layout = LAYOUTS[name.split("-")[0]][stage_count]
     prompt = load_tokenizer(path).encode(PROMPT)
     assert len(prompt) > 8  # crosses llama4's attention chunk
@@ -61,8 +52,8 @@ def test_stage_chain_equals_whole_model(checkpoints, name, stage_count):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stage_holds_exactly_its_shard(checkpoints, family):
-    path = checkpoints[family]
+def test_stage_holds_exactly_its_shard(family_checkpoints, family):
+    path = family_checkpoints[family]
     full, _ = load_model(path, lazy=True)
     all_names = {name for name, _ in tree_flatten(full.parameters())}
     layout = LAYOUTS[family][3]

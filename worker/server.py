@@ -95,9 +95,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 remote[group.layer][group.node] = list(group.expert_ids)
                 addresses[group.node] = group.address
             engine.dispatcher.connect(addresses)
-            stage_layers = range(0) if request.experts_only else range(
-                request.layer_start, request.layer_end
-            )
+            stage_layers = range(0) if request.experts_only else range(request.layer_start, request.layer_end)
             stage = None
             if not request.experts_only:
                 plan = None
@@ -115,9 +113,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
             hosted = {layer: ids for layer, ids in held.items() if layer not in stage_layers}
             if hosted:
-                engine.dispatcher.host = load_expert_host(
-                    request.model_path, hosted, engine.expert_stats
-                )
+                engine.dispatcher.host = load_expert_host(request.model_path, hosted, engine.expert_stats)
                 report(1.0, f"experts of layers {sorted(hosted)} loaded")
             next_link = None if request.experts_only else self._connect(request)
             engine.install(stage, request.stage_index, request.stage_count, next_link)
@@ -167,19 +163,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 rss_bytes=psutil.Process().memory_info().rss,
                 cache_bytes=self.engine.cache_bytes(),
                 model_path=self._loaded.model_path if self._loaded else "",
-                busy_s=self.engine.busy_s,
-                decode_busy_s=self.engine.decode_busy_s,
-                decode_steps=self.engine.decode_steps,
             )
 
         if request.counters_only:
-            status = worker_pb2.WorkerStatus(
-                busy_s=self.engine.busy_s,
-                decode_busy_s=self.engine.decode_busy_s,
-                decode_steps=self.engine.decode_steps,
-            )
+            status = worker_pb2.WorkerStatus()
         else:
             status = self.engine.call(snapshot).result(timeout=60)
+        # Plain numbers the engine only adds to: read here, without waiting for the engine thread.
+        status.busy_s, status.decode_busy_s = self.engine.busy_s, self.engine.decode_busy_s
+        status.decode_steps = self.engine.decode_steps
         meter = self._power_meter()
         if meter is not None:
             try:
