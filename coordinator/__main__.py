@@ -50,7 +50,7 @@ def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
 async def run(config_path: Path, state_dir: Path) -> int:
     config = load_cluster_config(config_path)
     state_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(config=config, log_dir=state_dir / "logs")
+    cluster = Cluster(config=config, log_dir=state_dir / "logs", state_dir=state_dir)
     cluster.log_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ import grpc
 from pomona.config import ClusterConfig, NodeConfig
 from pomona.costmodel import Prediction, predict
 from pomona.errors import PomonaError
+from pomona.expert_load import add_counts, counts_from_stats, load_history
 from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.modelinfo import ModelInfo, describe_model
 from pomona.placement import Placement, check_fit, plan_experts, plan_placement
@@ -69,6 +70,7 @@ class NodeState:
 class Cluster:
     config: ClusterConfig
     log_dir: Path
+    state_dir: Path | None = None  # where the expert-load history lives (`pomona.expert_load`)
     state: str = "starting"  # starting, profiling, loading, ready, degraded, failed, stopping
     error: str = ""
     message: str = ""
@@ -166,7 +168,12 @@ class Cluster:
     def _place(self) -> None:
         """Explicit stages from cluster.yaml, or the planner's choice for the objective."""
         settings, generation = self.config.scheduler, self.config.generation
-        workload = Workload(settings.prompt_tokens, settings.generated_tokens, settings.concurrency)
+        workload = Workload(
+            settings.prompt_tokens,
+            settings.generated_tokens,
+            settings.concurrency,
+            load_history(self.state_dir, self.model),
+        )
         max_context = generation.max_context or min(self.model.context_length, DEFAULT_MAX_CONTEXT)
         kv_tokens = max_context * settings.concurrency
         capacities = {node.name: node.memory_bytes for node in self.profile.nodes}
@@ -363,8 +370,26 @@ class Cluster:
         except grpc.aio.AioRpcError:
             return None
 
+    async def save_expert_load(self) -> None:
+        """Add what every node's experts computed to the model's expert-load history, so the next
+        plan of this model places by it. Best effort: a node that does not answer is skipped."""
+        if self.state_dir is None or self.model is None or not self.model.is_moe:
+            return
+        if self.placement is None or self.router is None:
+            return
+        replies = await asyncio.gather(*(self.expert_stats(name) for name in self.placement.nodes))
+        counts = counts_from_stats(reply for reply in replies if reply is not None)
+        if any(sum(experts.values()) for experts in counts.values()):
+            path = await asyncio.to_thread(add_counts, self.state_dir, self.model, counts)
+            log.info("expert load added to %s", path)
+
     async def stop(self) -> None:
         """Stop every node this cluster started; safe to call more than once."""
+        if self.state in ("ready", "degraded"):
+            try:
+                await self.save_expert_load()
+            except OSError as error:
+                log.warning("could not save the expert load: %s", error)
         self.state = "stopping"
         for task in self._tasks:
             task.cancel()

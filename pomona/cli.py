@@ -209,7 +209,7 @@ def cmd_plan(args) -> int:
         (args.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         if not args.json:
             print(f"measuring {len(config.nodes)} nodes and their links ...", flush=True)
-        cluster = Cluster(config=config, log_dir=args.state_dir / "logs")
+        cluster = Cluster(config=config, log_dir=args.state_dir / "logs", state_dir=args.state_dir)
         plan_ = asyncio.run(cluster.measure_and_plan())
         profile = cluster.profile
     if args.json:

@@ -17,7 +17,10 @@ delivers min(k / step latency, 1 / busiest stage's time per token) tokens per se
 
 Energy per token: every serving node (stage or expert holder) draws its idle power for the whole
 time a token takes (1 / throughput), plus its extra busy power while it computes its share.
-Routing is assumed uniform over experts (each expert receives top_k / num_experts of the tokens).
+Routing is uniform over experts (each expert receives top_k / num_experts of the tokens) unless the
+workload carries the cluster's measured expert load (`pomona.expert_load`); then each expert gets
+its measured share. A replicated expert's work is split evenly between its holders (they take
+turns), except that a stage node holding a copy itself always computes it locally.
 """
 
 from __future__ import annotations
@@ -73,9 +76,23 @@ def hidden_bytes_per_token(model: ModelInfo) -> int:
     return max(model.hidden_size, 1) * WIRE_ACTIVATION_BYTES
 
 
-def _expert_fraction(model: ModelInfo, held: int) -> float:
-    """Share of a token's routed-expert work that lands on a holder of `held` experts."""
-    return held / model.num_experts if model.num_experts else 0.0
+def expert_shares(
+    model: ModelInfo, placement: Placement, layer: int, node: str, workload: Workload
+) -> dict[str, float]:
+    """Holder -> the share of `layer`'s routed work it computes when stage `node` runs the layer:
+    the measured (or uniform) share of each expert it holds, split between replicas, which take
+    turns; a copy on the stage node itself always serves locally (the dispatcher prefers it)."""
+    experts = placement.experts.get(layer) if placement.experts else None
+    holders: dict[str, float] = {}
+    load = workload.expert_load
+    for expert, nodes in (experts or {}).items():
+        share = load.share(layer, expert, model.num_experts) if load else 1.0 / model.num_experts
+        if node in nodes:
+            holders[node] = holders.get(node, 0.0) + share
+            continue
+        for holder in nodes:
+            holders[holder] = holders.get(holder, 0.0) + share / len(nodes)
+    return holders
 
 
 def _moe_layer_s(
@@ -84,35 +101,30 @@ def _moe_layer_s(
     cluster: ClusterProfile,
     layer: int,
     node: str,
-    context: float,
+    workload: Workload,
     busy: dict[str, float],
 ) -> tuple[float, float]:
     """(decode seconds of `layer` on stage `node`, of which waiting on remote experts)."""
     compute = cluster.node(node).compute
-    whole = compute.decode_at(layer, context)
-    experts = placement.experts.get(layer) if placement.experts else None
-    holders: dict[str, float] = {}
-    if experts:
-        for _, nodes in experts.items():
-            for holder in nodes:  # a replicated expert: holders take turns
-                holders[holder] = holders.get(holder, 0.0) + 1.0 / len(nodes)
+    whole = compute.decode_at(layer, workload.mean_decode_context)
+    holders = expert_shares(model, placement, layer, node, workload)
     if not holders or set(holders) == {node}:
         busy[node] += whole
         return whole, 0.0
     top_k = compute.experts_per_token or 1
     non_expert = max(whole - top_k * compute.expert_s[layer], 0.0)
-    local = top_k * _expert_fraction(model, holders.get(node, 0.0)) * compute.expert_s[layer]
+    local = top_k * holders.get(node, 0.0) * compute.expert_s[layer]
     busy[node] += non_expert + local
     slowest_remote = 0.0
     size = hidden_bytes_per_token(model)
-    for holder, held in holders.items():
+    for holder, share in holders.items():
         if holder == node:
             continue
         remote = cluster.node(holder).compute
-        work = top_k * _expert_fraction(model, held) * remote.expert_s[layer]
+        work = top_k * share * remote.expert_s[layer]
         busy[holder] += work
         there = cluster.link(node, holder).transfer_s(size)
-        back = cluster.link(holder, node).transfer_s(size * max(1.0, top_k * held / model.num_experts))
+        back = cluster.link(holder, node).transfer_s(size * max(1.0, top_k * share))
         slowest_remote = max(slowest_remote, there + work + back)
     wait = max(local, slowest_remote)
     return non_expert + wait, max(wait - local, 0.0)
@@ -132,7 +144,7 @@ def predict(
         total = dispatch = 0.0
         for layer in stage.layers:
             if model.expert_bytes[layer]:
-                seconds, waiting = _moe_layer_s(model, placement, cluster, layer, stage.node, context, busy)
+                seconds, waiting = _moe_layer_s(model, placement, cluster, layer, stage.node, workload, busy)
                 total += seconds
                 dispatch += waiting
             else:

@@ -29,6 +29,7 @@ from pomona.weight_bytes import format_bytes, held_bytes
 
 if TYPE_CHECKING:
     from pomona.config import ClusterConfig, ExpertSpec
+    from pomona.expert_load import ExpertLoad
     from pomona.modelinfo import ModelInfo
     from pomona.placement import StagePlacement
 
@@ -203,18 +204,20 @@ def plan_experts_for_stages(
     stages: Sequence[StagePlacement],
     capacities_by_node: Mapping[str, int],
     link_cost: Callable[[str, str], float],
+    load: ExpertLoad | None = None,
 ) -> ExpertMap:
     """The scheduler's expert map: every expert on its layer's stage node, except where a stage
     node's share does not fit its memory; then whole experts move, as in `plan_experts`, but to
     the node with the cheapest link from the stage (`link_cost(stage_node, node)`, seconds) among
-    those with room, the roomiest first on a tie."""
+    those with room, the roomiest first on a tie. With a measured `load`, the least used experts
+    of a layer move first, so the most used ones stay local."""
     if not model.is_moe:
         return ExpertMap()
     stage_of = {layer: stage.node for stage in stages for layer in stage.layers}
     holders = {
         layer: {e: (stage_of[layer],) for e in range(model.num_experts)} for layer in model.moe_layers
     }
-    _spread(model, stages, holders, capacities_by_node, list(capacities_by_node), link_cost)
+    _spread(model, stages, holders, capacities_by_node, list(capacities_by_node), link_cost, load)
     return ExpertMap(holders)
 
 
@@ -225,6 +228,7 @@ def _spread(
     capacities: Mapping[str, int],
     order: list[str],
     link_cost: Callable[[str, str], float] | None = None,
+    load: ExpertLoad | None = None,
 ) -> None:
     """Move whole experts off every stage node whose share exceeds its memory (in place); to the
     roomiest node, or with `link_cost`, to the one with the cheapest link from the stage node."""
@@ -243,7 +247,10 @@ def _spread(
         moe_layers = [layer for layer in stage.layers if model.expert_bytes[layer]]
         for layer in reversed(moe_layers):
             size, destination = model.expert_bytes[layer], None
-            for expert in reversed(range(model.num_experts)):
+            leaving = reversed(range(model.num_experts))
+            if load is not None:  # coldest first; equal shares: highest id first, as without
+                leaving = sorted(leaving, key=lambda e: load.share(layer, e, model.num_experts))  # noqa: B023
+            for expert in leaving:
                 if free(node) >= 0:
                     break
                 if destination is None or free(destination) < size:

@@ -67,6 +67,7 @@ def plan_json(plan: Plan, cluster: ClusterProfile) -> dict[str, Any]:
             "prompt_tokens": plan.workload.prompt_tokens,
             "generated_tokens": plan.workload.generated_tokens,
             "concurrency": plan.workload.concurrency,
+            "expert_load": _load_json(plan.workload),
         },
         "chosen": option_json(plan.chosen),
         "baselines": {option.name: option_json(option) for option in plan.baselines},
@@ -90,6 +91,11 @@ def plan_json(plan: Plan, cluster: ClusterProfile) -> dict[str, Any]:
             for (a, b), link in sorted(cluster.links.items())
         ],
     }
+
+
+def _load_json(workload) -> dict[str, Any] | None:
+    load = workload.expert_load
+    return None if load is None else {"routed_tokens": load.tokens, "source": load.source}
 
 
 def _stages_text(option: PlanOption) -> str:
@@ -127,6 +133,8 @@ def plan_lines(plan: Plan) -> list[str]:
     if chosen is not None:
         lines.append(f"energy: {chosen.energy_basis}")
         lines.append(f"bottleneck: {chosen.bottleneck}")
+    if w.expert_load is not None:
+        lines.append(f"expert load: {w.expert_load.tokens} routed tokens, {w.expert_load.source}")
     if plan.chosen.note:
         lines.append(f"note: {plan.chosen.note}")
     for node, reason in plan.left_out.items():

@@ -29,7 +29,9 @@ How (documented, since exactness depends on it; the search itself is `pomona.spl
   `throughput` bounds the busiest stage by a grid of thresholds. Both are near-optimal, not proven.
 - MoE models place whole layers with their experts first; when no sequence fits, stages hold
   layers without (some of) their routed experts, which go to the nodes with the cheapest links to
-  the stage that have free memory (`pomona.experts.plan_experts_for_stages`).
+  the stage that have free memory (`pomona.experts.plan_experts_for_stages`). With the cluster's
+  measured expert load (`pomona.expert_load`) the least used experts move first and the most
+  used get replicas where the cost model says they pay (`pomona.expert_replicas`).
 
 Baselines scored by the same cost model: `even` (every node, equal layer counts: mlx-lm),
 `memory` (every node, layers in proportion to memory: exo), `compute` (the planner with every link
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pomona.config import OBJECTIVES
 from pomona.costmodel import Prediction, predict
 from pomona.errors import PlacementError
+from pomona.expert_replicas import replicate_hot_experts
 from pomona.experts import plan_experts_for_stages
 from pomona.modelinfo import ModelInfo
 from pomona.placement import Placement, StagePlacement, assign_layers, check_fit
@@ -90,19 +93,32 @@ def _option(
     workload: Workload,
     stages: tuple[StagePlacement, ...],
     note: str = "",
+    objective: str | None = None,
+    kv_tokens: int = 0,
 ) -> PlanOption:
-    """Score stages with the full cost model, experts spread by cheapest link if they must be."""
+    """Score stages with the full cost model, experts spread by cheapest link if they must be.
+
+    With `objective` (the planner's own choice, not a baseline) and measured expert load, the
+    least used experts leave a full stage node first and the most used get replicas where they
+    pay (`pomona.expert_replicas`)."""
     capacities = {node.name: node.memory_bytes for node in cluster.nodes}
+    load = workload.expert_load if objective is not None else None
 
     def link_cost(a: str, b: str) -> float:
         return cluster.link(a, b).latency_s
 
     try:
-        experts = plan_experts_for_stages(model, stages, capacities, link_cost)
+        experts = plan_experts_for_stages(model, stages, capacities, link_cost, load)
         placement = Placement(stages, experts)
         check_fit(model, placement, capacities)
     except PlacementError as error:
         return PlanOption(name, None, None, f"does not fit: {error}")
+    if load is not None:
+        placement, added = replicate_hot_experts(
+            model, placement, cluster, workload, objective, capacities, kv_tokens
+        )
+        if added:
+            note = "; ".join(filter(None, [note, f"{added} replicas of the most used experts"]))
     return PlanOption(name, placement, predict(model, placement, cluster, workload), note)
 
 
@@ -155,7 +171,9 @@ def plan(
         note = "experts moved off stage nodes that cannot hold them"
     if seq is None:
         raise _no_fit(model, cluster, kv_tokens)
-    chosen = _option(objective, model, cluster, workload, stages_of(tables, seq, ends), note)
+    chosen = _option(
+        objective, model, cluster, workload, stages_of(tables, seq, ends), note, objective, kv_tokens
+    )
     if chosen.placement is None:
         raise PlacementError(chosen.note.removeprefix("does not fit: "))
     used = set(chosen.placement.nodes)

@@ -16,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pomona.expert_load import ExpertLoad
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class Workload:
     prompt_tokens: int = 512
     generated_tokens: int = 256
     concurrency: int = 1  # streams decoding at once
+    expert_load: ExpertLoad | None = None  # measured routing shares; None: uniform routing
 
     @property
     def mean_decode_context(self) -> float:

@@ -169,6 +169,7 @@ class StageEngine:
 
     def release(self) -> None:
         self.requests.clear()
+        self.expert_stats.fold_counters()
         self.stage = None
         if self.next_link is not None:
             self.next_link.close()

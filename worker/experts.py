@@ -20,6 +20,7 @@ import math
 import struct
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -87,6 +88,25 @@ class ExpertStats:
         self._lock = threading.Lock()
         self.tokens: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.links: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        # Layers counted on the device (worker.expert_counts): read under the engine's MLX lock.
+        self._counters: list[tuple[int, Callable[[], list[int]]]] = []
+
+    def add_counter(self, layer: int, read: Callable[[], list[int]]) -> None:
+        with self._lock:
+            self._counters.append((layer, read))
+
+    def fold_counters(self) -> None:
+        """Move the device counters' figures into `tokens` and drop them (the shard is going)."""
+        with self._lock:
+            counters, self._counters = self._counters, []
+        for layer, read in counters:
+            self._add(layer, read())
+
+    def _add(self, layer: int, per_expert: list[int]) -> None:
+        with self._lock:
+            for expert, count in enumerate(per_expert):
+                if count:
+                    self.tokens[layer][expert] += count
 
     def count_tokens(self, layer: int, experts: np.ndarray) -> None:
         ids, counts = np.unique(experts, return_counts=True)
@@ -102,10 +122,20 @@ class ExpertStats:
             entry[2] += received
 
     def to_proto(self) -> worker_pb2.ExpertStatsReply:
+        """Everything counted so far (call it where MLX may run: it reads device counters)."""
+        with self._lock:
+            counters = list(self._counters)
+        live = [(layer, read()) for layer, read in counters]
         with self._lock:
             reply = worker_pb2.ExpertStatsReply()
-            for layer in sorted(self.tokens):
-                counts = self.tokens[layer]
+            totals = {layer: dict(counts) for layer, counts in self.tokens.items()}
+            for layer, per_expert in live:
+                target = totals.setdefault(layer, {})
+                for expert, count in enumerate(per_expert):
+                    if count:
+                        target[expert] = target.get(expert, 0) + count
+            for layer in sorted(totals):
+                counts = totals[layer]
                 ids = sorted(counts)
                 reply.layers.add(layer=layer, expert_ids=ids, tokens=[counts[i] for i in ids])
             for node in sorted(self.links):

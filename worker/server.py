@@ -23,6 +23,7 @@ from pomona.proto import worker_pb2, worker_pb2_grpc
 
 from .dispatch import DISPATCH_TIMEOUT_S
 from .engine import StageEngine
+from .expert_counts import count_routed_experts
 from .link import GrpcLink
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
@@ -111,6 +112,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     progress=report,
                     experts=plan,
                 )
+                count_routed_experts(stage.layers, stage.layer_indices, engine.expert_stats)
             hosted = {layer: ids for layer, ids in held.items() if layer not in stage_layers}
             if hosted:
                 engine.dispatcher.host = load_expert_host(request.model_path, hosted, engine.expert_stats)
@@ -218,7 +220,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
 
     def ExpertStats(self, request, context):
-        return self.engine.expert_stats.to_proto()
+        with self.engine.mlx_lock:  # it reads counters kept on the device
+            return self.engine.expert_stats.to_proto()
 
     def Results(self, request, context):
         subscriber = self.engine.results.subscribe()
