@@ -186,6 +186,10 @@ SIM_CLUSTERS = {  # each pair of nodes gets the fastest link kind both machines 
         {"machine": "mac_studio_2022_m1_ultra", "count": 1, "memory_gb": 128},
         {"machine": "mac_studio_2025_m3_ultra", "count": 1, "memory_gb": 256},
     ],
+    "2x M2 Ultra 192GB + 2x M1 Ultra 128GB": [
+        {"machine": "mac_studio_2023_m2_ultra", "count": 2, "memory_gb": 192},
+        {"machine": "mac_studio_2022_m1_ultra", "count": 2, "memory_gb": 128},
+    ],
     "M1 Max 64GB + M4 Max 40c 128GB": [
         {"machine": "mac_studio_2022_m1_max", "count": 1, "memory_gb": 64},
         {"machine": "mac_studio_2025_m4_max_40c", "count": 1, "memory_gb": 128},
