@@ -79,14 +79,16 @@ class Dispatcher:
         reply.dispatch_id = request.dispatch_id
         return reply
 
-    def serve_pending(self) -> None:
-        """Handle whatever the inbox holds, without waiting (engine thread)."""
+    def serve_pending(self) -> int:
+        """Handle whatever the inbox holds, without waiting (engine thread); returns how many."""
+        handled = 0
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return handled
             self._handle(item)
+            handled += 1
 
     def _handle(self, item) -> None:
         kind = item[0]

@@ -110,8 +110,11 @@ class StageEngine:
             job, future = self._jobs.get()
             with self.mlx_lock:
                 # Expert requests go first: a stage node serves them between its own jobs, never
-                # behind queued prefill chunks.
-                self.dispatcher.serve_pending()
+                # behind queued prefill chunks. (Those served while a step waits on its own
+                # dispatches are inside that step's busy time already.)
+                started = time.perf_counter()
+                if self.dispatcher.serve_pending():
+                    self.busy_s += time.perf_counter() - started
                 try:
                     result = job()
                 except BaseException as error:  # reported to whoever waits on the job
