@@ -135,6 +135,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             status.predicted.CopyFrom(prediction_message(cluster.prediction))
         for node, reason in cluster.left_out.items():
             status.left_out.add(node=node, reason=reason)
+        if cluster.plan is not None:
+            status.plan_note = cluster.plan.chosen.note
+            load = cluster.plan.workload.expert_load
+            if load is not None:
+                status.expert_load = f"{load.tokens} routed tokens, {load.source}"
         for option in cluster.baselines:
             status.baselines.append(option_message(option))
         if request.include_workers and cluster.state == "ready" and cluster.energy is not None:

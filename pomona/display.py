@@ -86,6 +86,10 @@ def prediction_lines(status: coordinator_pb2.ClusterStatus) -> list[str]:
             )
         else:
             lines.append(f"  baseline {option.name:<8} infeasible ({option.note})")
+    if status.expert_load:
+        lines.append(f"expert load: {status.expert_load}")
+    if status.plan_note:
+        lines.append(f"note: {status.plan_note}")
     for node in status.left_out:
         lines.append(f"left out: {node.node}: {node.reason}")
     return lines

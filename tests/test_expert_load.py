@@ -186,3 +186,6 @@ def test_up_down_keeps_the_expert_load_and_plan_uses_it(family_checkpoints, tmp_
     load = json.loads(result.stdout)["workload"]["expert_load"]
     assert load["routed_tokens"] == routed * len(info.moe_layers)
     assert history_path(tmp_path / ".pomona", info).name in load["source"]
+    # The next `up` in this directory plans with it too, and says so.
+    with running_cluster(tmp_path, path, 3, stages, experts) as cluster:
+        assert f"expert load: {routed * len(info.moe_layers)} routed tokens" in cluster.up_output
