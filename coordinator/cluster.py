@@ -86,6 +86,7 @@ class Cluster:
     _first_stage_call: grpc.aio.StreamUnaryCall | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
+    _lost_replicas: dict[str, str] = field(default_factory=dict)  # lost, but replicas cover it
 
     # The plan's parts, for status (empty until the cluster is placed).
     @property
@@ -303,6 +304,12 @@ class Cluster:
         if self.state not in ("ready", "degraded") or name in self._lost:
             return
         node = self.nodes[name]
+        if self._replicas_cover(name):
+            # Its experts all have live replicas: the stages' dispatch goes to those at once.
+            node.state = "unreachable"
+            self._lost_replicas[name] = details
+            log.warning("expert node %r is unreachable (%s); its replicas serve its experts", name, details)
+            return
         self._lost[name] = details
         node.state = "unreachable"
         self.state = "degraded"
@@ -314,6 +321,18 @@ class Cluster:
         log.error(self.error)
         self.router.fail_all(self.error)
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
+
+    def _replicas_cover(self, name: str) -> bool:
+        """Whether `name` runs no stage and every expert it holds has a holder still answering."""
+        placement = self.placement
+        if placement is None or any(stage.node == name for stage in placement.stages):
+            return False
+        gone = {name, *self._lost, *self._lost_replicas}
+        held = [(layer, e) for layer, experts in placement.experts.items() for e, nodes in experts.items()
+                if name in nodes]
+        return bool(held) and all(
+            set(placement.experts.holders(layer, e)) - gone for layer, e in held
+        )
 
     async def _watch_lost(self, name: str) -> None:
         """Poll a lost node; once it answers with its shard still loaded (it was cut off, not

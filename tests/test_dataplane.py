@@ -14,9 +14,11 @@ import psutil
 import pytest
 from cluster_helpers import running_cluster
 from layouts import PROMPT
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, reference_generate
 
+from pomona.modelinfo import describe_model
 from pomona.proto import coordinator_pb2, worker_pb2, worker_pb2_grpc
+from pomona.tokenizer import load_tokenizer
 from worker.dispatch import Dispatcher
 from worker.experts import ExpertStats
 from worker.link import LinkBroken
@@ -146,3 +148,32 @@ def test_killed_expert_node_fails_requests_and_refuses_later_ones(tmp_path):
     ]
     with running_cluster(tmp_path / "c", path, 3, [(0, 4)], experts) as cluster:
         _kill_while_generating(cluster, tmp_path / "c", "c")
+
+
+def test_killed_replica_holder_fails_over_and_the_output_is_unchanged(tmp_path, family_checkpoints):
+    """b holds replicas of experts 0-3, c holds every expert: kill b mid-generation and the
+    stage's dispatch goes to c at once; the tokens equal single-process mlx-lm's."""
+    path = family_checkpoints["mixtral"]
+    info = describe_model(path)
+    every = [0, info.num_layers]
+    experts = [
+        {"node": "b", "layers": every, "experts": [0, info.num_experts // 2]},
+        {"node": "c", "layers": every, "experts": [0, info.num_experts]},
+    ]
+    new_tokens = 40
+    expected = reference_generate(path, load_tokenizer(path).encode(PROMPT), new_tokens)
+    request = coordinator_pb2.GenerateRequest(
+        prompt=PROMPT, raw=True, max_tokens=new_tokens, ignore_eos=True,
+        sampling=worker_pb2.SamplingParams(),
+    )
+    with running_cluster(tmp_path / "c", path, 3, [every], experts) as cluster:
+        stream = cluster.stub.Generate(request, timeout=120)
+        next(stream)  # generation is under way, with b serving its share
+        psutil.Process(_worker_pid(tmp_path / "c", "b")).kill()
+        chunks = list(stream)
+        assert list(chunks[-1].summary.token_ids) == expected
+        status = cluster.status()
+        assert status.state == "ready"
+        assert list(cluster.generate(PROMPT, raw=True, max_tokens=8).token_ids) == expected[:8]
+        log = (tmp_path / "c" / ".pomona" / "logs" / "a.log").read_text()
+        assert "'b' is down; its experts go to their replicas" in log  # it did fail over

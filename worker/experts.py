@@ -30,6 +30,7 @@ import numpy as np
 from pomona.errors import ModelError
 from pomona.proto import worker_pb2
 
+from .link import LinkBroken
 from .wire import decode_tensor, encode_tensor, host_view, tensor_from_host
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class ExpertTable:
     """Which holder computes each expert of a layer: this node or one of its links."""
 
     def __init__(self, num_experts: int, local_ids: list[int], remote: dict[str, list[int]]):
+        self._local_ids, self._remote = list(local_ids), {n: list(ids) for n, ids in remote.items()}
         self.local_index = np.full(num_experts, -1, dtype=np.int32)
         self.local_index[local_ids] = np.arange(len(local_ids), dtype=np.int32)
         self.holders: list[list[str]] = [[] for _ in range(num_experts)]
@@ -171,6 +173,15 @@ class ExpertTable:
                     self._table[call, expert] = self.nodes.index(holders[call % len(holders)])
         self._calls = 0
 
+    def without(self, down: frozenset[str]) -> ExpertTable | None:
+        """This table with the nodes `down` gone (their experts served by the other holders),
+        or None when some expert would be left with no holder."""
+        remote = {node: ids for node, ids in self._remote.items() if node not in down}
+        try:
+            return ExpertTable(len(self.local_index), self._local_ids, remote)
+        except ModelError:
+            return None
+
     def owners(self, experts: np.ndarray) -> np.ndarray:
         """Per pair: -1 for a local expert, else the index of the node (in ``nodes``) that runs it."""
         self._calls += 1
@@ -178,7 +189,11 @@ class ExpertTable:
 
 
 class DistributedSwitchGLU(nn.Module):
-    """Drop-in for mlx-lm's SwitchGLU whose experts live on several nodes."""
+    """Drop-in for mlx-lm's SwitchGLU whose experts live on several nodes.
+
+    A holder whose link is down is skipped while its experts have other holders (replicas): a
+    dispatch it cannot answer goes again to those, at once; an expert with no live holder fails
+    the layer (and so its requests), naming the node."""
 
     def __init__(self, layer: int, local: nn.Module | None, table: ExpertTable, dispatcher):
         super().__init__()
@@ -187,35 +202,68 @@ class DistributedSwitchGLU(nn.Module):
             self.local = local  # mlx-lm's SwitchGLU holding only this node's experts
         self._table = table
         self._dispatcher = dispatcher
+        self._tables: dict[frozenset[str], ExpertTable | None] = {frozenset(): table}
+
+    def _table_without(self, down: frozenset[str]) -> ExpertTable | None:
+        if down not in self._tables:
+            self._tables[down] = self._table.without(down)
+        return self._tables[down]
+
+    def _down(self) -> frozenset[str]:
+        links = self._dispatcher.links
+        return frozenset(node for node in self._table.nodes if node in links and links[node].broken)
+
+    def _send(self, table, owner, pairs, experts, rows, host, dtype, sent, down) -> None:
+        """Send `pairs` (indices into the layer's pairs; `owner` gives their nodes in `table`),
+        each destination once with its tokens; a node found down is retried via the replicas."""
+        dispatcher = self._dispatcher
+        for node_index, node in enumerate(table.nodes):
+            mine = pairs[owner == node_index]
+            if not mine.size:
+                continue
+            tokens, pair_rows = np.unique(rows[mine], return_inverse=True)
+            request = worker_pb2.ExpertRequest(
+                layer=self.layer, hidden=tensor_from_host(host[tokens], dtype),
+                pair_rows=pair_rows.astype(np.int32).tolist(),
+                pair_experts=experts[mine].tolist(),
+            )
+            try:
+                dispatch_id = dispatcher.send(node, request)
+            except LinkBroken:
+                self._resend(node, mine, experts, rows, host, dtype, sent, down)
+                continue
+            sent.append((node, mine, dispatch_id, request.ByteSize()))
+
+    def _resend(self, node, pairs, experts, rows, host, dtype, sent, down) -> None:
+        down |= {node}
+        table = self._table_without(frozenset(down))
+        if table is None:
+            raise LinkBroken(f"expert {self._dispatcher.links[node].broken or 'node ' + repr(node)}")
+        log.warning("layer %d: expert node %r is down; its experts go to their replicas", self.layer, node)
+        self._send(table, table.owners(experts[pairs]), pairs, experts, rows, host, dtype, sent, down)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         k, width = indices.shape[-1], x.shape[-1]
         flat = x.reshape(-1, width)  # [tokens, D]
         experts = np.array(indices.reshape(-1)).astype(np.int32)  # [tokens * k]: routing decided
         rows = np.repeat(np.arange(flat.shape[0], dtype=np.int32), k)
-        owner = self._table.owners(experts)
+        down = set(self._down())
+        table = self._table_without(frozenset(down)) if down else self._table
+        if table is None:
+            raise LinkBroken(f"expert {' and '.join(self._dispatcher.links[n].broken for n in sorted(down))}")
+        owner = table.owners(experts)
         dispatcher = self._dispatcher
         sent = []  # (node, pairs, dispatch id, bytes sent)
         parts = []  # (pairs, output [pairs, D])
         try:
+            host = dtype = None
             if (owner >= 0).any():
                 # One host view of the tokens (already evaluated with the routing); each
                 # destination gets its rows from it, each token once however many of its
                 # experts the node holds.
                 host, dtype = host_view(flat)
-                for node_index, node in enumerate(self._table.nodes):
-                    pairs = np.nonzero(owner == node_index)[0]
-                    if not pairs.size:
-                        continue
-                    tokens, pair_rows = np.unique(rows[pairs], return_inverse=True)
-                    hidden = tensor_from_host(host[tokens], dtype)
-                    request = worker_pb2.ExpertRequest(
-                        layer=self.layer, hidden=hidden,
-                        pair_rows=pair_rows.astype(np.int32).tolist(),
-                        pair_experts=experts[pairs].tolist(),
-                    )
-                    dispatch_id = dispatcher.send(node, request)
-                    sent.append((node, pairs, dispatch_id, request.ByteSize()))
+                remote = np.nonzero(owner >= 0)[0]
+                self._send(table, owner[remote], remote, experts, rows, host, dtype, sent, down)
             local_pairs = np.nonzero(owner < 0)[0]
             if local_pairs.size:
                 # Computed while the remote nodes work; evaluated once their replies are in.
@@ -224,8 +272,13 @@ class DistributedSwitchGLU(nn.Module):
                 mx.async_eval(output)
                 parts.append((local_pairs, output))
                 dispatcher.stats.count_tokens(self.layer, experts[local_pairs])
-            for node, pairs, dispatch_id, sent_bytes in sent:
-                reply = dispatcher.receive(node, dispatch_id)
+            while sent:
+                node, pairs, dispatch_id, sent_bytes = sent.pop(0)
+                try:
+                    reply = dispatcher.receive(node, dispatch_id)
+                except LinkBroken:
+                    self._resend(node, pairs, experts, rows, host, dtype, sent, down)
+                    continue
                 parts.append((pairs, decode_tensor(reply.output)))
                 dispatcher.stats.count_link(node, sent_bytes, reply.ByteSize())
         except BaseException:
