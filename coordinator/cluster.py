@@ -33,6 +33,7 @@ from pomona.tokenizer import load_tokenizer
 from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
 from .profiling import NodeMeasurement, profile_cluster
+from .recovery import recover
 from .requests import RequestLimits, RequestRouter
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class Cluster:
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
     _lost_replicas: dict[str, str] = field(default_factory=dict)  # lost, but replicas cover it
+    _retired: dict[str, str] = field(default_factory=dict)  # lost, and recovered from
+    _results: dict[str, asyncio.Task] = field(default_factory=dict)  # node -> its Results reader
+    kv_tokens: int = 0  # context tokens each node keeps room for (set when placed)
 
     # The plan's parts, for status (empty until the cluster is placed).
     @property
@@ -138,6 +142,7 @@ class Cluster:
             ),
             self._send_to_first_stage,
         )
+        self.router.recovers = self.config.recovery
         await _gather_all(self._load(node) for node in self.placement.nodes)
         # Every node, expert-only ones too: a broken Results stream is how the coordinator learns
         # that a node is gone.
@@ -176,8 +181,10 @@ class Cluster:
             load_history(self.state_dir, self.model),
         )
         max_context = generation.max_context or min(self.model.context_length, DEFAULT_MAX_CONTEXT)
-        kv_tokens = max_context * settings.concurrency
+        kv_tokens = self.kv_tokens = max_context * settings.concurrency
         capacities = {node.name: node.memory_bytes for node in self.profile.nodes}
+        # Spares serve only after a loss (coordinator.recovery), unless named in placement.stages.
+        serving = self.profile.subset(node.name for node in self.config.nodes if not node.spare)
         if self.config.stages is not None:
             placement = plan_placement(self.config, self.model, capacities)
             prediction = predict(self.model, placement, self.profile, workload)
@@ -190,7 +197,7 @@ class Cluster:
             )
         else:
             self.plan = plan(
-                self.model, self.profile, workload, settings.objective, settings.slack, kv_tokens
+                self.model, serving, workload, settings.objective, settings.slack, kv_tokens
             )
             if self.config.experts:  # explicit expert groups on the planned stages
                 stages = self.plan.chosen.placement.stages
@@ -216,7 +223,8 @@ class Cluster:
     async def _subscribe(self, names) -> None:
         subscribed = {name: asyncio.Event() for name in names}
         for name, event in subscribed.items():
-            self._tasks.append(asyncio.create_task(self._consume_results(name, event)))
+            self._results[name] = asyncio.create_task(self._consume_results(name, event))
+            self._tasks.append(self._results[name])
         # Tokens published before a subscription would be lost: wait until all are in place.
         waits = asyncio.gather(*(e.wait() for e in subscribed.values()))
         await asyncio.wait_for(waits, LOAD_TIMEOUT_S)
@@ -287,6 +295,8 @@ class Cluster:
     # -- the data plane, coordinator side ------------------------------------------------------
 
     async def _send_to_first_stage(self, message: worker_pb2.StageMessage) -> None:
+        if self.state == "recovering":
+            raise PomonaError(f"the cluster is {self.message}; retry in a few seconds")
         if self._lost:
             raise PomonaError(self.error)
         async with self._send_lock:  # one writer at a time on the stream
@@ -310,6 +320,11 @@ class Cluster:
             self._lost_replicas[name] = details
             log.warning("expert node %r is unreachable (%s); its replicas serve its experts", name, details)
             return
+        if self.state == "ready" and self.config.recovery:
+            self._lost[name] = details
+            node.state = "lost"
+            self._tasks.append(asyncio.create_task(recover(self, name)))
+            return
         self._lost[name] = details
         node.state = "unreachable"
         self.state = "degraded"
@@ -321,6 +336,20 @@ class Cluster:
         log.error(self.error)
         self.router.fail_all(self.error)
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
+
+    def reopen_first_stage(self) -> None:
+        """A new stream to stage 0 (after a recovery moved it, or to be sure it is fresh)."""
+        if self._first_stage_call is not None:
+            self._first_stage_call.cancel()
+        first = self.nodes[self.placement.stages[0].node]
+        self._first_stage_call = first.stub.Forward(wait_for_ready=True)
+
+    def retire(self, name: str) -> None:
+        """`name` was lost and the cluster recovered without it: it no longer counts as lost."""
+        self._retired[name] = self._lost.pop(name, "")
+        task = self._results.pop(name, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     def _replicas_cover(self, name: str) -> bool:
         """Whether `name` runs no stage and every expert it holds has a holder still answering."""

@@ -20,6 +20,12 @@ from .textstream import TextStream
 
 # A request whose last stage has said nothing for this long has failed (a node died, say).
 TOKEN_TIMEOUT_S = 300.0
+# A worker's error may be the first sign of a lost node: this long for a recovery to begin.
+RECOVERY_NOTICE_S = 3.0
+RECOVERY_TIMEOUT_S = 600.0  # re-planning and reloading every shard
+
+# Put in every request's queue when the cluster starts recovering from a lost node.
+INTERRUPTED = object()
 
 
 class RequestError(PomonaError):
@@ -58,6 +64,12 @@ class RequestRouter:
         self._background: set[asyncio.Task] = set()
         self.tokens_produced = 0  # every token of every request, for sharing energy out
         self.energy = None  # an EnergyAccount once the cluster is ready
+        # Recovery (coordinator.recovery): interruptions so far, and whether the cluster serves.
+        self._interruptions = 0
+        self._serving = asyncio.Event()
+        self._serving.set()
+        self._failure = ""
+        self.recovers = True  # the cluster recovers from lost nodes (cluster.yaml `recovery`)
 
     @property
     def active_requests(self) -> int:
@@ -74,6 +86,36 @@ class RequestRouter:
     def fail_all(self, reason: str) -> None:
         for request_id, queue in self._queues.items():
             queue.put_nowait(worker_pb2.TokenEvent(request_id=request_id, error=reason))
+        self._failure = reason
+        self._serving.set()  # requests held for a recovery fail with `reason`
+
+    def interrupt_all(self, reason: str) -> None:
+        """Hold every request in flight until `resume` (they replay) or `fail_all`."""
+        self._interruptions += 1
+        self._failure = ""
+        self._serving.clear()
+        for queue in self._queues.values():
+            queue.put_nowait(INTERRUPTED)
+
+    def resume(self) -> None:
+        self._serving.set()
+
+    async def _interrupted_since(self, count: int) -> bool:
+        """Whether a recovery began after `count` interruptions (waiting a little for it)."""
+        if not self.recovers:
+            return False
+        deadline = time.monotonic() + RECOVERY_NOTICE_S
+        while self._interruptions == count and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._interruptions != count
+
+    async def _await_recovery(self) -> None:
+        try:
+            await asyncio.wait_for(self._serving.wait(), RECOVERY_TIMEOUT_S)
+        except TimeoutError:
+            raise PomonaError(f"the cluster did not recover within {RECOVERY_TIMEOUT_S:.0f} s") from None
+        if self._failure:
+            raise PomonaError(f"generation failed: {self._failure}")
 
     def prompt_token_ids(self, request: coordinator_pb2.GenerateRequest) -> list[int]:
         if request.raw:
@@ -114,15 +156,38 @@ class RequestRouter:
         first_token_at = last_token_at = 0.0
         # The energy snapshot runs alongside the prompt's way into the pipeline, not before it.
         energy_start = asyncio.ensure_future(self.energy.snapshot()) if self.energy else None
-        try:
+
+        def start_message(request_id: str) -> worker_pb2.StageMessage:
+            # After a recovery the prompt is replayed with every token produced so far.
+            done = list(stream.token_ids)
             start = worker_pb2.StartRequest(
-                prompt_token_ids=prompt,
+                prompt_token_ids=prompt + done,
                 sampling=request.sampling,
-                max_tokens=max_tokens,
+                max_tokens=max_tokens - len(done),
                 eos_token_ids=eos,
                 prefill_chunk_tokens=self.limits.prefill_chunk_tokens,
+                generated_before=len(done),
             )
-            await self._send(worker_pb2.StageMessage(request_id=request_id, start=start))
+            return worker_pb2.StageMessage(request_id=request_id, start=start)
+
+        async def replay() -> None:
+            """Wait for the recovery, then start again under a new id (the old one's events,
+            from the pipeline that was, are dropped)."""
+            nonlocal request_id, queue
+            await self._await_recovery()
+            del self._queues[request_id]
+            request_id, queue = uuid.uuid4().hex, asyncio.Queue()
+            self._queues[request_id] = queue
+            await self._send(start_message(request_id))
+
+        try:
+            interruptions = self._interruptions
+            try:
+                await self._send(start_message(request_id))
+            except PomonaError:
+                if not await self._interrupted_since(interruptions):
+                    raise
+                await replay()
             while not finish_reason:
                 try:
                     event = await asyncio.wait_for(queue.get(), TOKEN_TIMEOUT_S)
@@ -131,8 +196,16 @@ class RequestRouter:
                         f"no token arrived for {TOKEN_TIMEOUT_S:.0f} s: a node may have failed; "
                         "see `pomona status`"
                     ) from None
+                if event is INTERRUPTED:
+                    interruptions = self._interruptions
+                    await replay()
+                    continue
                 if event.error:
-                    raise PomonaError(f"generation failed: {event.error}")
+                    if not await self._interrupted_since(interruptions):
+                        raise PomonaError(f"generation failed: {event.error}")
+                    interruptions = self._interruptions
+                    await replay()
+                    continue
                 last_token_at = time.perf_counter()
                 first_token_at = first_token_at or last_token_at
                 pipeline_finished = bool(event.finish_reason)

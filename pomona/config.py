@@ -66,6 +66,7 @@ class NodeConfig:
     env: dict[str, str] = field(default_factory=dict)
     power: PowerSpec | None = None  # idle and busy watts for the estimate (no meter)
     machine: str | None = None  # a catalogue name (pomona.catalogue): power and links estimate
+    spare: bool = False  # started and measured, but serves only when a serving node is lost
 
     @property
     def address(self) -> str:
@@ -130,6 +131,7 @@ class ClusterConfig:
     generation: GenerationDefaults
     experts: tuple[ExpertSpec, ...] = ()  # empty: every expert stays on its layer's stage node
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    recovery: bool = True  # re-plan and replay in-flight requests when a serving node is lost
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -150,7 +152,7 @@ def is_loopback(host: str) -> bool:
 
 # --- the schema -------------------------------------------------------------------------------
 
-_TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation")
+_TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation", "recovery")
 _NODE_KEYS = (
     "name",
     "host",
@@ -163,6 +165,7 @@ _NODE_KEYS = (
     "env",
     "power",
     "machine",
+    "spare",
 )
 _SSH_KEYS = ("user", "port", "key_file", "known_hosts")
 
@@ -217,6 +220,8 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
         for index, item in enumerate(nodes_value)
     )
     _check_unique(reader, nodes, nodes_value, coordinator)
+    if all(node.spare for node in nodes):
+        reader.bad(root, "nodes", "", "every node is `spare: true`; at least one must serve")
 
     stages, experts, scheduler = None, (), SchedulerSettings()
     if root.get("placement") is not None:
@@ -233,7 +238,12 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
             ),
             max_context=reader.integer(block, "max_context", "generation", None, 1),
         )
-    return ClusterConfig(file, model, coordinator, nodes, stages, generation, experts, scheduler)
+    recovery = root.get("recovery", True)
+    if not isinstance(recovery, bool):
+        reader.bad(root, "recovery", "", f"must be true or false, not {kind(recovery)}")
+    return ClusterConfig(
+        file, model, coordinator, nodes, stages, generation, experts, scheduler, recovery
+    )
 
 
 def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
@@ -282,7 +292,12 @@ def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
             reader.bad(power_block, "max_w", power_path, f"must be at least idle_w ({idle_w} W)")
         power = PowerSpec(idle_w, max_w)
     machine = reader.string(block, "machine", path)
-    return NodeConfig(name, host, port, memory_gb, launch, ssh, python, workdir, env, power, machine)
+    spare = block.get("spare", False)
+    if not isinstance(spare, bool):
+        reader.bad(block, "spare", path, f"must be true or false, not {kind(spare)}")
+    return NodeConfig(
+        name, host, port, memory_gb, launch, ssh, python, workdir, env, power, machine, spare
+    )
 
 
 def _number(reader: Reader, block: LineMap, key: str, path: str, low: float = 0.0) -> float:

@@ -132,6 +132,19 @@ class ClusterProfile:
     def names(self) -> tuple[str, ...]:
         return tuple(node.name for node in self.nodes)
 
+    def subset(self, names) -> ClusterProfile:
+        """Only the nodes `names` (in this profile's order) and the links among them and from the
+        coordinator: a cluster without its spares, or without a lost node."""
+        keep = set(names)
+        return ClusterProfile(
+            tuple(node for node in self.nodes if node.name in keep),
+            {
+                pair: link
+                for pair, link in self.links.items()
+                if pair[1] in keep and (pair[0] in keep or pair[0] == COORDINATOR)
+            },
+        )
+
     def link(self, source: str, target: str) -> LinkProfile:
         """The measured link; a node to itself costs nothing."""
         if source == target:

@@ -136,7 +136,7 @@ def _kill_while_generating(cluster, directory, victim: str) -> None:
 
 def test_killed_stage_fails_requests_and_refuses_later_ones(tmp_path):
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
-    with running_cluster(tmp_path / "c", path, 3, [(0, 2), (2, 4), (4, 6)]) as cluster:
+    with running_cluster(tmp_path / "c", path, 3, [(0, 2), (2, 4), (4, 6)], recovery=False) as cluster:
         _kill_while_generating(cluster, tmp_path / "c", "b")
 
 
@@ -146,7 +146,7 @@ def test_killed_expert_node_fails_requests_and_refuses_later_ones(tmp_path):
         {"node": "b", "layers": [0, 4], "experts": [0, 4]},
         {"node": "c", "layers": [0, 4], "experts": [4, 8]},
     ]
-    with running_cluster(tmp_path / "c", path, 3, [(0, 4)], experts) as cluster:
+    with running_cluster(tmp_path / "c", path, 3, [(0, 4)], experts, recovery=False) as cluster:
         _kill_while_generating(cluster, tmp_path / "c", "c")
 
 

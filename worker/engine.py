@@ -249,7 +249,8 @@ class StageEngine:
                     top_k=sampling.top_k,
                     min_p=sampling.min_p,
                     seed=sampling.seed if sampling.HasField("seed") else None,
-                )
+                ),
+                position=start.generated_before,
             )
         self.requests[request_id] = state
         if self.stage_index == 0:

@@ -207,6 +207,10 @@ class DistributedSwitchGLU(nn.Module):
     def _table_without(self, down: frozenset[str]) -> ExpertTable | None:
         if down not in self._tables:
             self._tables[down] = self._table.without(down)
+            if self._tables[down] is not None:
+                names = ", ".join(repr(node) for node in sorted(down))
+                log.warning("layer %d: expert node %s is down; its experts go to their replicas",
+                            self.layer, names)
         return self._tables[down]
 
     def _down(self) -> frozenset[str]:
@@ -239,7 +243,6 @@ class DistributedSwitchGLU(nn.Module):
         table = self._table_without(frozenset(down))
         if table is None:
             raise LinkBroken(f"expert {self._dispatcher.links[node].broken or 'node ' + repr(node)}")
-        log.warning("layer %d: expert node %r is down; its experts go to their replicas", self.layer, node)
         self._send(table, table.owners(experts[pairs]), pairs, experts, rows, host, dtype, sent, down)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:

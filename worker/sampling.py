@@ -1,8 +1,10 @@
 """Token sampling on the last stage: temperature, top-p, top-k, min-p, with a per-request seed.
 
-Filters are mlx-lm's own (``mlx_lm.sample_utils``), applied in mlx-lm's order. Each request owns
-its PRNG key, so concurrent requests do not disturb each other's random streams and a fixed seed
-reproduces the same output run after run.
+Filters are mlx-lm's own (``mlx_lm.sample_utils``), applied in mlx-lm's order. The randomness of
+the n-th generated token is a function of the request's seed and n alone, so concurrent requests do
+not disturb each other, a fixed seed reproduces the same output run after run, and a request
+replayed after a node failure (its prompt plus the tokens so far, starting at n = tokens so far)
+continues exactly as it would have.
 """
 
 from __future__ import annotations
@@ -23,15 +25,25 @@ class SamplingConfig:
     seed: int | None = None
 
 
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads positions over the key space
+
+
+def position_key(seed: int, position: int) -> mx.array:
+    """The PRNG key of generated token number `position` of a request seeded with `seed`."""
+    return mx.random.key((seed ^ (position * _MIX)) % 2**63)
+
+
 class Sampler:
-    def __init__(self, config: SamplingConfig):
+    def __init__(self, config: SamplingConfig, position: int = 0):
+        """position: how many tokens the request generated before this sampler's first."""
         self.config = config
-        seed = config.seed if config.seed is not None else secrets.randbits(63)
-        self._key = mx.random.key(seed)
+        self._seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self.position = position
 
     def __call__(self, logits: mx.array) -> int:
         """``logits`` ``[vocab]`` -> the next token id."""
         config = self.config
+        position, self.position = self.position, self.position + 1
         if config.temperature <= 0:
             return int(mx.argmax(logits).item())
         logprobs = (logits - mx.logsumexp(logits, keepdims=True))[None].astype(mx.float32)
@@ -41,6 +53,6 @@ class Sampler:
             logprobs = apply_min_p(logprobs, config.min_p)
         if config.top_k > 0:
             logprobs = apply_top_k(logprobs, config.top_k)
-        self._key, subkey = mx.random.split(self._key)
-        token = mx.random.categorical(logprobs * (1 / config.temperature), key=subkey)
+        key = position_key(self._seed, position)
+        token = mx.random.categorical(logprobs * (1 / config.temperature), key=key)
         return int(token.item())

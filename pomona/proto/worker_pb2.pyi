@@ -283,18 +283,20 @@ class ShutdownReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens")
+    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens", "generated_before")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefill_chunk_tokens: int
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ...) -> None: ...
+    generated_before: int
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ..., generated_before: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("hidden", "sample")
