@@ -12,6 +12,7 @@ it is asked.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from google.protobuf.json_format import MessageToDict
@@ -26,6 +27,18 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 def _source(basis: str) -> str:
     return "measured" if basis.startswith("measured") else "estimated"
+
+
+def finite(value):
+    """`value` with every non-finite float (an unmeasurably fast loopback link's bandwidth, say)
+    as None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def _dict(message) -> dict:
@@ -99,12 +112,12 @@ class ServingMetrics:
             }
             for link in (profile.links.values() if profile is not None else ())
         ]
-        return {
+        return finite({
             "status": _dict(self.status),
             "links": links,
             "experts": _dict(self.experts) if self.experts is not None else {"nodes": []},
             "requests": requests,
-        }
+        })
 
 
 class _ClusterCollector:
