@@ -118,7 +118,7 @@ def test_disconnect_cancels_and_every_stage_frees_its_caches(served, stream):
     if stream:
         response = connection.getresponse()
         assert response.status == 200
-        while b'"text"' not in response.fp.readline():  # the first token arrived
+        while b'"text"' not in response.readline():  # the first token arrived
             assert time.monotonic() < deadline
     while not all(active == 1 and cache > 0 for active, cache in _cache_state(cluster)):
         assert time.monotonic() < deadline, _cache_state(cluster)
