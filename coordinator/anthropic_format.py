@@ -20,6 +20,7 @@ from .http_params import (
     bad_request,
     boolean,
     max_new_tokens,
+    refuse_unsupported,
     require_model,
     sampling,
     stop_strings,
@@ -38,6 +39,7 @@ ERROR_TYPES = {
 
 def parse_messages(body: dict, served: Sequence[str], max_tokens_limit: int) -> ParsedRequest:
     model = require_model(body, served)
+    refuse_unsupported(body, ("tools", "tool_choice", "thinking"))
     stop = stop_strings(body, "stop_sequences")
     request = coordinator_pb2.GenerateRequest(
         max_tokens=max_new_tokens(body, ("max_tokens",), max_tokens_limit, required=True),

@@ -112,12 +112,14 @@ class ServingMetrics:
             }
             for link in (profile.links.values() if profile is not None else ())
         ]
-        return finite({
-            "status": _dict(self.status),
-            "links": links,
-            "experts": _dict(self.experts) if self.experts is not None else {"nodes": []},
-            "requests": requests,
-        })
+        return finite(
+            {
+                "status": _dict(self.status),
+                "links": links,
+                "experts": _dict(self.experts) if self.experts is not None else {"nodes": []},
+                "requests": requests,
+            }
+        )
 
 
 class _ClusterCollector:

@@ -148,6 +148,13 @@ def max_new_tokens(body: dict, names: Sequence[str], limit: int, required: bool 
     return 0
 
 
+def refuse_unsupported(body: dict, names: Sequence[str]) -> None:
+    """A 400 for features that would otherwise be silently ignored (tools, structured output)."""
+    for name in names:
+        if body.get(name):
+            raise bad_request(f"`{name}` is not supported by this server (text generation only)", name)
+
+
 def require_model(body: dict, served: Sequence[str]) -> str:
     """The requested model id; absent means the one served. Unknown: 404."""
     model = body.get("model")

@@ -23,6 +23,7 @@ from .http_params import (
     boolean,
     integer,
     max_new_tokens,
+    refuse_unsupported,
     require_model,
     sampling,
     stop_strings,
@@ -56,6 +57,7 @@ def _common(
 ) -> ParsedRequest:
     model = require_model(body, served)
     _check_n(body)
+    refuse_unsupported(body, ("tools", "functions", "tool_choice", "response_format", "suffix"))
     stream = boolean(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):

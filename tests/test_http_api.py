@@ -217,6 +217,9 @@ def test_openai_errors(served):
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     )
     assert status == 400 and "only text parts" in body["error"]["message"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, _, body = post_json(f"{url}/v1/chat/completions", {"messages": messages, "tools": tools})
+    assert status == 400 and body["error"]["param"] == "tools" and "not supported" in body["error"]["message"]
     # Nothing leaked into the pipeline from the refused requests.
     assert all(stage.active_requests == 0 for stage in cluster.status().stages)
 
@@ -332,3 +335,7 @@ def test_anthropic_errors(served):
         f"{url}/v1/messages", {"model": model, "max_tokens": 4, "temperature": 1.5, "messages": messages}
     )
     assert status == 400 and "temperature" in body["error"]["message"]
+    status, _, body = post_json(
+        f"{url}/v1/messages", {"max_tokens": 4, "messages": messages, "tools": [{"name": "f"}]}
+    )
+    assert status == 400 and "`tools` is not supported" in body["error"]["message"]
