@@ -200,6 +200,8 @@ def test_web_page_in_headless_chromium(served, tmp_path_factory):
             assert page.locator("#nodes .arrow").first.text_content().endswith("ms")
             assert page.locator("#links tbody tr").count() >= 2
             assert page.locator("#heatmap .cell").count() > 0
+            assert "routed experts: layer 0 [0-3], layer 1 [0-3]" in nodes.nth(1).text_content()
+            assert "on b" in page.locator("#heatmap .cell").first.get_attribute("title")
             # The chat box streams a reply (the key goes in its field).
             page.fill("#api-key", KEYS[0])
             page.fill("#chat-input", "Hello there")

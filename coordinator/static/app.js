@@ -20,6 +20,18 @@ const el = (tag, cls, text) => {
 const ms = (s) => (s * 1000).toFixed(s < 0.01 ? 2 : 1) + " ms";
 const mib = (b) => (b / 2 ** 20).toFixed(b < 2 ** 24 ? 2 : 0) + " MiB";
 
+// [0, 1, 2, 3, 7] -> "0-3, 7"
+function compactIds(ids) {
+  const parts = [];
+  for (let i = 0; i < ids.length; i++) {
+    let j = i;
+    while (j + 1 < ids.length && ids[j + 1] === ids[j] + 1) j++;
+    parts.push(j > i ? `${ids[i]}-${ids[j]}` : String(ids[i]));
+    i = j;
+  }
+  return parts.join(", ");
+}
+
 function drawNodes(status, links) {
   const box = $("nodes");
   box.replaceChildren();
@@ -32,6 +44,11 @@ function drawNodes(status, links) {
       : `layers [${stage.layer_start}, ${stage.layer_end})` + (stage.is_first ? " + embed" : "")
         + (stage.is_last ? " + head" : "");
     card.append(el("div", "", what));
+    const groups = (status.expert_groups || []).filter((g) => g.node === stage.node);
+    if (groups.length) {
+      card.append(el("div", "experts", "routed experts: " +
+        groups.map((g) => `layer ${g.layer} [${compactIds(g.expert_ids)}]`).join(", ")));
+    }
     const used = Number(stage.rss_bytes), total = Number(stage.memory_total_bytes) || 1;
     const bar = el("div", "bar"), fill = el("div");
     fill.style.width = Math.min(100, (100 * used) / total).toFixed(1) + "%";
@@ -87,7 +104,11 @@ function drawPower(status) {
   $("power-note").textContent = `watts per node between polls (${POLL_MS / 1000} s); ${bases.join("; ")}; top ${top.toFixed(1)} W`;
 }
 
-function drawHeatmap(experts) {
+function drawHeatmap(experts, groups) {
+  const owners = {}; // "layer/expert" -> [nodes]
+  for (const group of groups || []) {
+    for (const expert of group.expert_ids) (owners[`${group.layer}/${expert}`] ||= []).push(group.node);
+  }
   const counts = {}; // layer -> expert -> tokens
   let maxExpert = -1;
   for (const node of experts.nodes || []) {
@@ -118,7 +139,8 @@ function drawHeatmap(experts) {
       const cell = el("div", "cell", tokens ? String(tokens) : "");
       const heat = tokens / top;
       cell.style.background = `rgba(214, 69, 40, ${0.08 + 0.92 * heat})`;
-      cell.title = `layer ${layer}, expert ${e}: ${tokens} tokens`;
+      const where = owners[`${layer}/${e}`] ? ` on ${owners[`${layer}/${e}`].join(", ")}` : "";
+      cell.title = `layer ${layer}, expert ${e}${where}: ${tokens} tokens`;
       box.append(cell);
     }
   }
@@ -139,7 +161,7 @@ async function poll() {
       : "";
     drawNodes(status, data.links);
     drawPower(status);
-    drawHeatmap(data.experts);
+    drawHeatmap(data.experts, status.expert_groups);
     document.body.dataset.polled = String(Number(document.body.dataset.polled || 0) + 1);
   } catch (error) {
     $("state").textContent = "unreachable (" + error + ")";
