@@ -212,17 +212,17 @@ class HttpApi:
 
     async def _generate(self, request: web.Request, api: str, parse: Callable, answer_for: Callable):
         timer = RequestTimer(self.metrics)
-        body = await self._body(request)
-        parsed: ParsedRequest = parse(body, model_ids(self.cluster), self.settings.max_tokens)
-        self._check_ready()
-        router = self.cluster.router
+        outcome = "cancelled"  # unless it ends otherwise: the client went away
         try:
-            prompt_tokens = len(router.prompt_token_ids(parsed.request))
-        except RequestError as error:
-            raise bad_request(str(error), "messages") from None
-        answer = answer_for(parsed, router.tokenizer.decode)
-        outcome = "cancelled"
-        try:
+            body = await self._body(request)
+            parsed: ParsedRequest = parse(body, model_ids(self.cluster), self.settings.max_tokens)
+            self._check_ready()
+            router = self.cluster.router
+            try:
+                prompt_tokens = len(router.prompt_token_ids(parsed.request))
+            except RequestError as error:
+                raise bad_request(str(error), "messages") from None
+            answer = answer_for(parsed, router.tokenizer.decode)
             async with self.admission.slot():
                 run = self._stream if parsed.stream else self._respond
                 response = await run(request, router.generate(parsed.request), answer, prompt_tokens, timer)

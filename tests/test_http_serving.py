@@ -144,14 +144,19 @@ def _samples(text: str) -> dict[str, list]:
 
 def test_metrics(served):
     cluster, url, client = served
-    client.chat.completions.create(
-        model="mixtral", messages=[{"role": "user", "content": "hi"}], max_tokens=4
-    )
+    messages = [{"role": "user", "content": "hi"}]
+    client.chat.completions.create(model="mixtral", messages=messages, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="mixtral", messages=messages, n=3)
     status, headers, text = get(f"{url}/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     samples = _samples(text)
     ok = [s for s in samples["pomona_requests_total"] if s.labels == {"api": "openai_chat", "outcome": "ok"}]
     assert ok and ok[0].value >= 1
+    refused = [
+        s for s in samples["pomona_requests_total"] if s.labels == {"api": "openai_chat", "outcome": "400"}
+    ]
+    assert refused and refused[0].value >= 1
     assert samples["pomona_generated_tokens_total"][0].value >= 4
     assert [s for s in samples["pomona_time_to_first_token_seconds_count"]][0].value >= 1
     assert samples["pomona_inter_token_seconds_count"][0].value >= 1
