@@ -225,8 +225,9 @@ class HttpApi:
             answer = answer_for(parsed, router.tokenizer.decode)
             async with self.admission.slot():
                 run = self._stream if parsed.stream else self._respond
-                response = await run(request, router.generate(parsed.request), answer, prompt_tokens, timer)
-                outcome = "ok"
+                response, outcome = await run(
+                    request, router.generate(parsed.request), answer, prompt_tokens, timer
+                )
                 return response
         except ApiError as error:
             outcome = str(error.status)
@@ -240,12 +241,14 @@ class HttpApi:
             return bad_request(str(error))
         return ApiError(503, "overloaded", str(error), retry_after_s=NOT_READY_RETRY_S)
 
+    # _respond and _stream return (the response, the outcome for pomona_requests_total).
+
     async def _respond(self, request, chunks, answer, prompt_tokens: int, timer: RequestTimer):
         try:
             async for chunk in chunks:
                 if chunk.HasField("summary"):
                     self.metrics.prompt_tokens.inc(chunk.summary.prompt_tokens)
-                    return web.json_response(answer.response(chunk.summary))
+                    return web.json_response(answer.response(chunk.summary)), "ok"
                 timer.on_tokens(len(chunk.token_ids))
                 answer.add(chunk)
         except PomonaError as error:
@@ -270,6 +273,7 @@ class HttpApi:
             }
         )
         await response.prepare(request)
+        outcome = "ok"
         try:
             for event in answer.stream_head(prompt_tokens):
                 await response.write(event)
@@ -285,12 +289,14 @@ class HttpApi:
                     await response.write(event)
                 chunk = await chunks.__anext__()
         except PomonaError as error:
-            for event in answer.stream_error(self._failure(error)):
+            failure = self._failure(error)
+            outcome = f"{failure.status} in stream"
+            for event in answer.stream_error(failure):
                 await response.write(event)
         finally:
             await chunks.aclose()
         await response.write_eof()
-        return response
+        return response, outcome
 
     # -- the rest -------------------------------------------------------------------------------
 

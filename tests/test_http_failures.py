@@ -51,5 +51,7 @@ def test_node_loss_over_http(tmp_path):
             f"{url}/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         )
         assert status == 503 and reply["error"]["type"] == "overloaded_error" and "Retry-After" in headers
+        metrics = get(f"{url}/metrics")[2]
+        assert 'pomona_requests_total{api="openai_completions",outcome="503 in stream"} 1.0' in metrics
         status, _, health = get(f"{url}/health")
         assert status == 503 and health["state"] == "degraded" and "node 'b'" in health["error"]
