@@ -23,6 +23,7 @@ from pomona.grpc_options import SERVER_OPTIONS
 from pomona.proto import coordinator_pb2_grpc
 
 from .cluster import Cluster
+from .http_api import HttpApi
 from .service import CoordinatorService
 
 log = logging.getLogger("coordinator")
@@ -58,7 +59,8 @@ async def run(config_path: Path, state_dir: Path) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorService(cluster, stop), server)
+    service = CoordinatorService(cluster, stop)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     address = config.coordinator.address
     try:
         bound = server.add_insecure_port(address)
@@ -68,6 +70,16 @@ async def run(config_path: Path, state_dir: Path) -> int:
         print(f"pomona coordinator: cannot listen on {address} (is the port in use?)", file=sys.stderr)
         return 2
     await server.start()
+    # The HTTP API shares this event loop and the cluster's request router; it answers (503)
+    # while the cluster comes up.
+    http_api = HttpApi(cluster, service, config.api) if config.api.enabled else None
+    if http_api is not None:
+        try:
+            await http_api.start()
+        except PomonaError as error:
+            print(f"pomona coordinator: {error}", file=sys.stderr)
+            await server.stop(grace=None)
+            return 2
     _write_state(state_dir, cluster, address)
     starting = asyncio.create_task(cluster.start())
     stopping = asyncio.create_task(stop.wait())
@@ -88,6 +100,8 @@ async def run(config_path: Path, state_dir: Path) -> int:
         else:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
+    if http_api is not None:
+        await http_api.stop()
     await cluster.stop()
     await server.stop(grace=1)
     return code

@@ -136,7 +136,8 @@ class Cluster:
         self.router = RequestRouter(
             tokenizer,
             RequestLimits(
-                context_length=self.model.context_length,
+                # generation.max_context bounds each stream's KV cache, so it bounds prompts too.
+                context_length=min(self.model.context_length, self.config.generation.max_context or 1 << 30),
                 default_max_tokens=self.config.generation.max_tokens,
                 prefill_chunk_tokens=self.config.generation.prefill_chunk_tokens,
             ),

@@ -26,6 +26,7 @@ RECOVERY_TIMEOUT_S = 600.0  # re-planning and reloading every shard
 
 # Put in every request's queue when the cluster starts recovering from a lost node.
 INTERRUPTED = object()
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API; the last stage sends no more than this per token
 
 
 class RequestError(PomonaError):
@@ -48,6 +49,10 @@ def validate_sampling(sampling: worker_pb2.SamplingParams) -> None:
         raise RequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if not 0 <= sampling.min_p <= 1:
         raise RequestError(f"min_p must be between 0 and 1, got {sampling.min_p}")
+    if not 0 <= sampling.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError(
+            f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {sampling.top_logprobs}"
+        )
 
 
 class RequestRouter:
@@ -211,7 +216,10 @@ class RequestRouter:
                 pipeline_finished = bool(event.finish_reason)
                 text = stream.push(event.token_id, final=pipeline_finished)
                 finish_reason = "stop" if stream.stopped else event.finish_reason
-                yield coordinator_pb2.GenerateChunk(text=text, token_ids=[event.token_id])
+                chunk = coordinator_pb2.GenerateChunk(text=text, token_ids=[event.token_id])
+                if event.HasField("logprobs"):
+                    chunk.logprobs.append(event.logprobs)
+                yield chunk
         finally:
             del self._queues[request_id]
             if not pipeline_finished:

@@ -123,6 +123,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 else:
                     info.rss_bytes = worker.rss_bytes
                     info.active_requests = worker.active_requests
+                    info.cache_bytes = worker.cache_bytes
                     if worker.decode_steps:
                         info.measured_compute_s = worker.decode_busy_s / worker.decode_steps
             _add_predictions(cluster, name, info)

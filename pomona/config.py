@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pomona.api_config import ApiSettings, check_api_port, parse_api
 from pomona.errors import ConfigError
 from pomona.yaml_reader import LineList, LineMap, Reader, compose, is_int, kind
 
@@ -132,6 +133,7 @@ class ClusterConfig:
     experts: tuple[ExpertSpec, ...] = ()  # empty: every expert stays on its layer's stage node
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     recovery: bool = True  # re-plan and replay in-flight requests when a serving node is lost
+    api: ApiSettings = field(default_factory=ApiSettings)  # the HTTP API (pomona.api_config)
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -152,7 +154,7 @@ def is_loopback(host: str) -> bool:
 
 # --- the schema -------------------------------------------------------------------------------
 
-_TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation", "recovery")
+_TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation", "api", "recovery")
 _NODE_KEYS = (
     "name",
     "host",
@@ -241,8 +243,12 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     recovery = root.get("recovery", True)
     if not isinstance(recovery, bool):
         reader.bad(root, "recovery", "", f"must be true or false, not {kind(recovery)}")
+    api = parse_api(reader, root)
+    taken = {_address_key(coordinator.host, coordinator.port): "the coordinator"}
+    taken.update({_address_key(n.host, n.port): f"node {n.name!r}" for n in nodes})
+    check_api_port(reader, root, api, taken)
     return ClusterConfig(
-        file, model, coordinator, nodes, stages, generation, experts, scheduler, recovery
+        file, model, coordinator, nodes, stages, generation, experts, scheduler, recovery, api
     )
 
 
@@ -324,13 +330,15 @@ def _parse_ssh(reader: Reader, node_block: LineMap, node_path: str) -> SshConfig
     )
 
 
+def _address_key(host: str, port: int) -> tuple[str, int]:
+    host = host.lower()
+    return ("127.0.0.1" if host == "localhost" else host, port)
+
+
 def _check_unique(
     reader: Reader, nodes: tuple[NodeConfig, ...], items: LineList, coordinator: Endpoint
 ) -> None:
-    def key(host: str, port: int) -> tuple[str, int]:
-        host = host.lower()
-        return ("127.0.0.1" if host == "localhost" else host, port)
-
+    key = _address_key
     names: dict[str, int] = {}
     addresses: dict[tuple[str, int], int] = {}
     coordinator_key = key(coordinator.host, coordinator.port)

@@ -51,17 +51,19 @@ def write_cluster_yaml(
     node_overrides: Sequence[dict] | None = None,
     **extra,
 ) -> Path:
-    ports = free_ports(node_count + 1)
+    ports = free_ports(node_count + 2)  # the last: the HTTP API
     names = [chr(ord("a") + i) for i in range(node_count)]
     config = {
         "model": str(model),
         "coordinator": {"host": "127.0.0.1", "port": ports[0]},
         "nodes": [
             {"name": name, "host": "127.0.0.1", "port": port}
-            for name, port in zip(names, ports[1:])
+            for name, port in zip(names, ports[1:-1])
         ],
         **extra,
     }
+    if "api" not in extra:
+        config["api"] = {"host": "127.0.0.1", "port": ports[-1]}
     for node, override in zip(config["nodes"], node_overrides or ()):
         node.update({k: v for k, v in override.items() if k != "name"})
     if stages is not None:

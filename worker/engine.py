@@ -37,7 +37,7 @@ from pomona.proto import worker_pb2
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
-from .sampling import Sampler, SamplingConfig
+from .sampling import Sampler, SamplingConfig, TokenLogprobs
 from .stage import StageModel
 from .wire import decode_tensor, encode_tensor
 
@@ -249,6 +249,8 @@ class StageEngine:
                     top_k=sampling.top_k,
                     min_p=sampling.min_p,
                     seed=sampling.seed if sampling.HasField("seed") else None,
+                    logprobs=sampling.logprobs,
+                    top_logprobs=sampling.top_logprobs,
                 ),
                 position=start.generated_before,
             )
@@ -299,9 +301,11 @@ class StageEngine:
             activations = worker_pb2.Activations(hidden=encoded, sample=sample)
             self._forward(worker_pb2.StageMessage(request_id=request_id, activations=activations))
         elif sample:
-            token = state.sampler(self.stage.logits(hidden))
+            logits = self.stage.logits(hidden)
+            token = state.sampler(logits)
+            logprobs = state.sampler.report(logits, token)
             self._count_busy(started, inputs.shape[1] == 1)
-            self._emit_token(request_id, state, token)
+            self._emit_token(request_id, state, token, logprobs)
         else:
             mx.eval(hidden)  # a prefill chunk: only the caches matter
             self._count_busy(started, False)
@@ -319,7 +323,9 @@ class StageEngine:
             return  # the request ended (failed or cancelled) while this was in flight
         self._step(request_id, state, decode_tensor(activations.hidden), activations.sample)
 
-    def _emit_token(self, request_id: str, state: RequestState, token: int) -> None:
+    def _emit_token(
+        self, request_id: str, state: RequestState, token: int, logprobs: TokenLogprobs | None = None
+    ) -> None:
         state.generated += 1
         if token in state.eos_token_ids:
             finish = "stop"
@@ -334,6 +340,10 @@ class StageEngine:
             self._forward(worker_pb2.StageMessage(request_id=request_id, next_token=next_token))
         # Stage 0 already has the token; the coordinator's copy is off the critical path.
         event = worker_pb2.TokenEvent(request_id=request_id, token_id=token, finish_reason=finish)
+        if logprobs is not None:
+            event.logprobs.logprob = logprobs.logprob
+            event.logprobs.top_token_ids.extend(token_id for token_id, _ in logprobs.top)
+            event.logprobs.top_logprobs.extend(value for _, value in logprobs.top)
         self.results.publish(event)
 
     def _on_next_token(self, request_id: str, next_token: worker_pb2.NextToken) -> None:

@@ -5,6 +5,10 @@ the n-th generated token is a function of the request's seed and n alone, so con
 not disturb each other, a fixed seed reproduces the same output run after run, and a request
 replayed after a node failure (its prompt plus the tokens so far, starting at n = tokens so far)
 continues exactly as it would have.
+
+With ``logprobs`` set, the sampler also reports the sampled token's log-probability and the most
+likely alternatives (``top_logprobs``) of the model's own distribution (before temperature and
+filters, as OpenAI's API reports them): a few numbers per token, never the logits.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ class SamplingConfig:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float  # of the sampled token
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads positions over the key space
@@ -56,3 +70,17 @@ class Sampler:
         key = position_key(self._seed, position)
         token = mx.random.categorical(logprobs * (1 / config.temperature), key=key)
         return int(token.item())
+
+    def report(self, logits: mx.array, token: int) -> TokenLogprobs | None:
+        """The log-probabilities asked for at this position (None when none were)."""
+        if not self.config.logprobs:
+            return None
+        logprobs = (logits - mx.logsumexp(logits, keepdims=True)).astype(mx.float32)  # [vocab]
+        count = min(max(self.config.top_logprobs, 0), MAX_TOP_LOGPROBS, logprobs.shape[-1])
+        if count == 0:
+            return TokenLogprobs(logprobs[token].item(), ())
+        top_ids = mx.argpartition(-logprobs, count - 1)[:count]
+        top_values = logprobs[top_ids]
+        order = mx.argsort(-top_values)
+        top_ids, top_values = top_ids[order].tolist(), top_values[order].tolist()
+        return TokenLogprobs(logprobs[token].item(), tuple(zip(top_ids, top_values)))

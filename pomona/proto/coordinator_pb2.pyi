@@ -34,14 +34,16 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., raw: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "summary")
+    __slots__ = ("text", "token_ids", "summary", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     summary: GenerateSummary
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_worker_pb2.TokenLogprobs]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[_worker_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
     __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "decode_tok_s", "token_ids", "text", "energy_j", "j_per_token", "energy_source")
@@ -74,7 +76,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self, include_workers: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis")
+    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis", "cache_bytes")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class StageInfo(_message.Message):
     POWER_W_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     POWER_BASIS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     layer_start: int
@@ -115,7 +118,8 @@ class StageInfo(_message.Message):
     power_w: float
     energy_j: float
     power_basis: str
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ...) -> None: ...
+    cache_bytes: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("decode_tok_s", "ttft_s", "throughput_tok_s", "j_per_token", "energy_basis", "bottleneck")
