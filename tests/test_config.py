@@ -182,6 +182,11 @@ BROKEN = [
         ]
     ],  # fmt: skip
     ("experts-empty", TWO_NODES + "placement: {experts: []}\n", "placement.experts: must be"),
+    ("recovery-not-bool", TWO_NODES + "recovery: yes please\n", "recovery: must be true or false"),
+    ("spare-not-bool", "nodes:\n  - {name: a, host: 127.0.0.1, port: 50051, spare: 1}\n",
+     "nodes[0].spare: must be true or false"),
+    ("every-node-spare", "nodes:\n  - {name: a, host: 127.0.0.1, port: 50051, spare: true}\n",
+     "every node is `spare: true`"),
 ]
 
 
