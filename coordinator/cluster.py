@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 
+from pomona import auth
 from pomona.config import ClusterConfig, NodeConfig
 from pomona.costmodel import Prediction, predict
 from pomona.errors import PomonaError
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import CHANNEL_OPTIONS, message_limit_bytes
 from pomona.modelinfo import ModelInfo, describe_model
 from pomona.placement import Placement, check_fit, plan_experts, plan_placement
 from pomona.planner import Plan, PlanOption, baselines, plan
@@ -69,6 +70,7 @@ class NodeState:
 class Cluster:
     config: ClusterConfig
     log_dir: Path
+    token: str = ""  # the cluster's secret; "" means auth.cluster_token(config)
     state: str = "starting"  # starting, profiling, loading, ready, degraded, failed, stopping
     error: str = ""
     message: str = ""
@@ -101,6 +103,10 @@ class Cluster:
     @property
     def baselines(self) -> tuple[PlanOption, ...]:
         return self.plan.baselines if self.plan else ()
+
+    def __post_init__(self) -> None:
+        self.token = self.token or auth.cluster_token(self.config)
+        self.secrets = auth.cluster_secrets(self.config, self.token)  # the coordinator's own
 
     # -- bring-up ------------------------------------------------------------------------------
 
@@ -215,10 +221,15 @@ class Cluster:
 
     async def _bring_up(self, state: NodeState) -> None:
         node = state.config
-        state.process = await launch_worker(node, self.log_dir)
+        model = self.model
+        message_bytes = message_limit_bytes(
+            model.hidden_size, self.config.generation.prefill_chunk_tokens, model.experts_per_token
+        )
+        node_secrets = auth.cluster_secrets(self.config, self.token, node)
+        state.process = await launch_worker(node, self.log_dir, node_secrets, message_bytes)
         timeout_s = MANUAL_NODE_TIMEOUT_S if state.process is None else LAUNCHED_NODE_TIMEOUT_S
-        state.info = await wait_until_reachable(node, timeout_s, state.process)
-        state.channel = grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS)
+        state.info = await wait_until_reachable(node, timeout_s, self.secrets, state.process)
+        state.channel = auth.aio_channel(node.address, CHANNEL_OPTIONS, self.secrets)
         state.stub = worker_pb2_grpc.WorkerStub(state.channel)
         state.state = "up"
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import asyncssh
 import grpc
 
+from pomona import auth
 from pomona.errors import PomonaError
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import CHANNEL_OPTIONS, DEFAULT_WORKER_MESSAGE_BYTES
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:  # only for hints: any object with NodeConfig's attributes works
@@ -56,6 +57,10 @@ class WorkerProcess:
     def __init__(self, node: NodeConfig, log_path: Path) -> None:
         self.node = node
         self.log_path = log_path
+
+    # The pid of a worker on this machine (a child of ours), for `pomona down`; None over SSH,
+    # whose pids are the remote host's and must never be signalled here.
+    local_pid: int | None = None
 
     def exit_code(self) -> int | None:
         """The worker's exit status (negative: killed by that signal); None while it runs."""
@@ -97,6 +102,7 @@ class _LocalWorker(WorkerProcess):
     def __init__(self, node: NodeConfig, log_path: Path, process: asyncio.subprocess.Process) -> None:
         super().__init__(node, log_path)
         self._process = process
+        self.local_pid = process.pid
 
     def exit_code(self) -> int | None:
         return self._process.returncode
@@ -183,31 +189,42 @@ class _SshWorker(WorkerProcess):
         self._connection.close()
 
 
-async def launch_worker(node: NodeConfig, log_dir: Path) -> WorkerProcess | None:
+async def launch_worker(
+    node: NodeConfig,
+    log_dir: Path,
+    node_secrets: auth.NodeSecrets,
+    max_message_bytes: int = DEFAULT_WORKER_MESSAGE_BYTES,
+) -> WorkerProcess | None:
     """Start `node`'s worker as its `launch` mode says; None for "manual" (nothing to start).
 
-    Returns once the process is started, not once it answers: see `wait_until_reachable`.
+    The worker gets `node_secrets` as the first line of its stdin (the pipe, or the SSH channel):
+    never on its command line, where `ps` would show them. Returns once the process is started,
+    not once it answers: see `wait_until_reachable`.
     """
     if node.launch == "manual":
         return None
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (re.sub(r"[^\w.-]", "_", node.name) + ".log")
+    command = _worker_command(node, max_message_bytes)
     if node.launch == "local":
-        return await _launch_local(node, log_path)
+        return await _launch_local(node, log_path, command, node_secrets.to_line())
     if node.launch == "ssh":
-        return await _launch_ssh(node, log_path)
+        return await _launch_ssh(node, log_path, command, node_secrets.to_line())
     raise PomonaError(f"node {node.name!r}: unknown launch mode {node.launch!r}; use local, ssh or manual")
 
 
-def _worker_command(node: NodeConfig, python: str) -> list[str]:
-    args = ["--host", node.host, "--port", str(node.port), "--exit-on-stdin-eof"]
-    return [python, "-m", "worker", *args]
+def _worker_command(node: NodeConfig, max_message_bytes: int) -> list[str]:
+    """The worker's arguments after the interpreter (which depends on where it runs)."""
+    return ["-m", "worker", "--host", node.host, "--port", str(node.port), "--exit-on-stdin-eof",
+            "--secrets-stdin", "--max-message-bytes", str(max_message_bytes)]
 
 
-async def _launch_local(node: NodeConfig, log_path: Path) -> WorkerProcess:
+async def _launch_local(
+    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
+) -> WorkerProcess:
     _check_port_free(node)
-    command = _worker_command(node, node.python or sys.executable)
+    command = [node.python or sys.executable, *args]
     log.info("node %r: starting %s (log: %s)", node.name, shlex.join(command), log_path)
     with open(log_path, "wb") as log_file:  # the child keeps its own descriptor of it
         try:
@@ -224,7 +241,9 @@ async def _launch_local(node: NodeConfig, log_path: Path) -> WorkerProcess:
                 f"node {node.name!r}: cannot start its worker ({error}); check the node's "
                 "`python` (an interpreter with Pomona installed) and `workdir`"
             ) from None
-    return _LocalWorker(node, log_path, process)
+    worker = _LocalWorker(node, log_path, process)
+    process.stdin.write(secrets_line)  # a pipe buffer holds it: no wait for the worker
+    return worker
 
 
 def _check_port_free(node: NodeConfig) -> None:
@@ -267,21 +286,22 @@ def _shell_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def _remote_command(node: NodeConfig) -> str:
+def _remote_command(node: NodeConfig, args: list[str]) -> str:
     """`echo pid; cd WORKDIR && exec env K=V ... PYTHON -m worker ...`.
 
     exec keeps the shell's pid `$$` for the worker, so the echoed pid is the worker's: stop() can
     kill it if it ignores EOF.
     """
-    python, *args = _worker_command(node, node.python or "python3")
-    worker = " ".join([_shell_path(python), *map(shlex.quote, args)])
+    worker = " ".join([_shell_path(node.python or "python3"), *map(shlex.quote, args)])
     env = " ".join(shlex.quote(f"{key}={value}") for key, value in node.env.items())
     command = f"exec env {env} {worker}" if env else f"exec {worker}"
     command = f"cd {_shell_path(node.workdir)} && {command}" if node.workdir else command
     return f'echo "pomona: worker pid $$"; {command}'
 
 
-async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
+async def _launch_ssh(
+    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
+) -> WorkerProcess:
     ssh = node.ssh
     if ssh is None:
         raise PomonaError(f"node {node.name!r}: launch is ssh but it has no ssh settings")
@@ -299,7 +319,7 @@ async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
     except (OSError, asyncssh.Error, ValueError, TimeoutError) as error:
         raise NodeUnreachable(_ssh_failure(node, target, error)) from None
 
-    command = _remote_command(node)
+    command = _remote_command(node, args)
     log.info("node %r: running over SSH on %s: %s (log: %s)", node.name, target, command, log_path)
     try:
         process = await asyncio.wait_for(
@@ -312,6 +332,7 @@ async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
             f"node {node.name!r}: connected to {target} but could not run the worker there "
             f"({type(error).__name__}: {error}); check that sshd allows running commands"
         ) from None
+    process.stdin.write(secrets_line)  # inside the encrypted channel, never on a command line
     return _SshWorker(node, log_path, connection, process, open(log_path, "wb"))
 
 
@@ -338,7 +359,10 @@ def _ssh_failure(node: NodeConfig, target: str, error: BaseException) -> str:
 
 
 async def wait_until_reachable(
-    node: NodeConfig, timeout_s: float, process: WorkerProcess | None = None
+    node: NodeConfig,
+    timeout_s: float,
+    node_secrets: auth.NodeSecrets,
+    process: WorkerProcess | None = None,
 ) -> worker_pb2.NodeInfo:
     """Poll the node's `Describe` until it answers; raise NodeUnreachable after `timeout_s`.
 
@@ -359,7 +383,7 @@ async def wait_until_reachable(
         try:
             # A fresh channel per try: one channel's reconnect backoff grows after refused
             # connections, so a worker that came up late would be noticed late.
-            async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
+            async with auth.aio_channel(node.address, CHANNEL_OPTIONS, node_secrets) as channel:
                 return await worker_pb2_grpc.WorkerStub(channel).Describe(
                     worker_pb2.DescribeRequest(), timeout=min(DESCRIBE_TRY_TIMEOUT_S, remaining_s)
                 )

@@ -1,7 +1,9 @@
-"""The ``pomona`` command line: up, plan, generate, status, down, fetch, upcycle, worker.
+"""The ``pomona`` command line: up, plan, generate, status, down, certs, fetch, upcycle, worker.
 
 ``up`` starts the coordinator in the background (it launches the workers) and records it in
-``.pomona/cluster.json`` in the current directory; the other commands find the cluster there.
+``.pomona/cluster.json`` in the current directory, with the cluster's token in ``.pomona/token``
+(mode 0600); the other commands find the cluster and the token there. ``down`` signals only
+processes of this machine whose create time matches the record (a pid may have been reused).
 Every failure prints one clear line and exits non-zero; no traceback.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import grpc
 import psutil
 
+from pomona import auth
 from pomona.config import OBJECTIVES, load_cluster_config
 from pomona.display import (
     expert_stats_lines,
@@ -44,19 +47,38 @@ class CliError(PomonaError):
 # -- the running cluster's record --------------------------------------------------------------
 
 
-def _read_state(state_dir: Path) -> dict | None:
-    path = state_dir / "cluster.json"
+def _recorded_state(state_dir: Path) -> dict | None:
     try:
-        state = json.loads(path.read_text())
+        state = json.loads((state_dir / "cluster.json").read_text())
     except (OSError, ValueError):
         return None
-    return state if psutil.pid_exists(state.get("pid", -1)) else None
+    return state if isinstance(state, dict) else None
 
 
-def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
-    return coordinator_pb2_grpc.CoordinatorStub(
-        grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    )
+def _read_state(state_dir: Path) -> dict | None:
+    """The running cluster's record; None when there is none or its coordinator is gone (its
+    pid may now belong to an unrelated process)."""
+    state = _recorded_state(state_dir)
+    return state if state is not None and _same_process(state) else None
+
+
+def _same_process(identity: dict) -> bool:
+    """True if the recorded pid is still the process that was recorded (same create time)."""
+    try:
+        process = psutil.Process(int(identity["pid"]))
+        alive = process.status() != psutil.STATUS_ZOMBIE
+        # A small tolerance: the time is derived from the boot time, which the kernel may adjust.
+        return alive and abs(float(identity["create_time"]) - process.create_time()) < 0.05
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def _stub(address: str, node_secrets: auth.NodeSecrets) -> coordinator_pb2_grpc.CoordinatorStub:
+    return coordinator_pb2_grpc.CoordinatorStub(auth.channel(address, CHANNEL_OPTIONS, node_secrets))
+
+
+def _cluster_stub(state: dict, state_dir: Path) -> coordinator_pb2_grpc.CoordinatorStub:
+    return _stub(state["address"], auth.state_secrets(state_dir, state.get("tls")))
 
 
 def _running_cluster(state_dir: Path) -> dict:
@@ -69,36 +91,37 @@ def _running_cluster(state_dir: Path) -> dict:
     return state
 
 
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+def _wait_gone(identities: list[dict], timeout_s: float) -> list[dict]:
+    """The recorded processes still running (the same processes) after up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    alive = [p for p in pids if psutil.pid_exists(p)]
+    alive = [i for i in identities if _same_process(i)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [p for p in alive if _alive(p)]
+        alive = [i for i in alive if _same_process(i)]
     return alive
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _stop_everything(state: dict, state_dir: Path) -> None:
-    """Ask the coordinator to stop; then make sure it and its workers are gone."""
-    try:
-        _stub(state["address"]).StopCluster(coordinator_pb2.StopClusterRequest(), timeout=5)
-    except grpc.RpcError:
-        pass
-    pids = [state["pid"], *state.get("worker_pids", {}).values()]
-    for pid in _wait_gone(pids, STOP_TIMEOUT_S):
+def _stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets | None) -> None:
+    """Ask the coordinator to stop (it stops its workers: local ones through their stdin, SSH
+    ones through their SSH channel); then make sure it and its local workers are gone, signalling
+    only processes whose create time matches the record. SSH workers are never signalled from
+    here: their pids are another host's; they exit when the coordinator's channel closes."""
+    if node_secrets is not None:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            stub = _stub(state["address"], node_secrets)
+            stub.StopCluster(coordinator_pb2.StopClusterRequest(), timeout=5)
+        except grpc.RpcError:
             pass
-    _wait_gone(pids, 5)
+    identities = [state, *state.get("local_workers", {}).values()]
+    for identity in _wait_gone(identities, STOP_TIMEOUT_S):
+        if _same_process(identity):  # checked again right before the signal
+            try:
+                os.kill(identity["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _wait_gone(identities, 5)
     (state_dir / "cluster.json").unlink(missing_ok=True)
+    (state_dir / auth.TOKEN_FILE).unlink(missing_ok=True)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -129,7 +152,11 @@ def cmd_up(args) -> int:
         validate_stages(config.stages, model.num_layers)
     validate_experts(config.experts, model, node_names=[node.name for node in config.nodes])
     _check_machines(config)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    token = auth.cluster_token(config)
+    auth.write_token(state_dir / auth.TOKEN_FILE, token)  # the coordinator reads it there
+    node_secrets = auth.cluster_secrets(config, token)
     log_path = state_dir / "logs" / "coordinator.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -138,7 +165,7 @@ def cmd_up(args) -> int:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stub = _stub(config.coordinator.address)
+    stub = _stub(config.coordinator.address, node_secrets)
     deadline = time.monotonic() + UP_TIMEOUT_S
     last_line = ""
     status = None
@@ -165,7 +192,11 @@ def cmd_up(args) -> int:
         time.sleep(0.3)
     if status is None or status.state != "ready":
         reason = status.error if status is not None and status.error else "timed out"
-        _stop_everything({"pid": process.pid, "address": config.coordinator.address}, state_dir)
+        coordinator = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
+        state = _recorded_state(state_dir) or {}
+        if not _same_process(state):
+            state = coordinator  # it died before recording itself: only our child to stop
+        _stop_everything({**state, "address": config.coordinator.address}, state_dir, node_secrets)
         process.wait(timeout=5)
         raise CliError(f"the cluster did not come up: {reason}")
     print(f"cluster ready; coordinator at {config.coordinator.address}")
@@ -247,7 +278,7 @@ def cmd_generate(args) -> int:
         stop=args.stop or [], ignore_eos=args.ignore_eos,
     )
     summary = None
-    for chunk in _stub(state["address"]).Generate(request):
+    for chunk in _cluster_stub(state, args.state_dir).Generate(request):
         if chunk.HasField("summary"):
             summary = chunk.summary
         elif not args.json:
@@ -273,12 +304,12 @@ def cmd_generate(args) -> int:
 def cmd_status(args) -> int:
     state = _running_cluster(args.state_dir)
     if args.experts:
-        stats = _stub(state["address"]).GetExpertStats(
+        stats = _cluster_stub(state, args.state_dir).GetExpertStats(
             coordinator_pb2.ExpertStatsQuery(), timeout=20
         )
         print("\n".join(expert_stats_lines(stats)))
         return 0
-    status = _stub(state["address"]).GetStatus(
+    status = _cluster_stub(state, args.state_dir).GetStatus(
         coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
     )
     if args.json:
@@ -292,13 +323,59 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    state = _read_state(args.state_dir)
+    state_dir = args.state_dir
+    state = _read_state(state_dir)
     if state is None:
-        print("no cluster is running here")
-        (args.state_dir / "cluster.json").unlink(missing_ok=True)
+        recorded = _recorded_state(state_dir)
+        if recorded is not None:
+            # The coordinator is gone (a reused pid is another process: left alone). Its local
+            # workers exit with it; any that did not and are still the same processes go now.
+            _stop_everything(recorded, state_dir, None)
+            print("no cluster is running here (removed the stale record in "
+                  f"{state_dir / 'cluster.json'})")
+        else:
+            print("no cluster is running here")
         return 0
-    _stop_everything(state, args.state_dir)
+    try:
+        node_secrets = auth.state_secrets(state_dir, state.get("tls"))
+    except auth.AuthError as error:
+        print(f"pomona: {error}; stopping the processes recorded instead", file=sys.stderr)
+        node_secrets = None
+    _stop_everything(state, state_dir, node_secrets)
     print("cluster stopped")
+    return 0
+
+
+def cmd_certs(args) -> int:
+    """A CA and a certificate per node (and the coordinator) for cluster.yaml's `tls:`."""
+    from pomona.certs import issue, make_ca
+    from pomona.config import is_loopback
+
+    config = load_cluster_config(args.file)
+    out = Path(args.out) if args.out else config.path.parent / "pomona-certs"
+    names = ["coordinator", *(node.name for node in config.nodes)]
+    files = [out / "ca.pem", out / "ca-key.pem"]
+    files += [out / f"{name}{suffix}" for name in names for suffix in (".pem", "-key.pem")]
+    existing = [str(f) for f in files if f.exists()]
+    if existing and not args.force:
+        raise CliError(f"{existing[0]} exists; pass --force to replace the certificates in {out}")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca, ca_key, ca_cert = make_ca()
+    issued = {"ca": ca}
+    for name, host in [("coordinator", config.coordinator.host),
+                       *((node.name, node.host) for node in config.nodes)]:
+        hosts = [host, "127.0.0.1", "localhost"] if is_loopback(host) else [host]
+        issued[name] = issue(name, hosts, ca_key, ca_cert)
+    for name, pair in issued.items():
+        (out / f"{name}.pem").write_bytes(pair.cert_pem)
+        auth.write_private(out / f"{name}-key.pem", pair.key_pem)
+    shown = os.path.relpath(out, config.path.parent)
+    print(f"wrote a CA and {len(names)} certificates to {out}; add to {config.path.name}:")
+    print(f"tls: {{ca: {shown}/ca.pem, cert: {shown}/coordinator.pem, key: {shown}/coordinator-key.pem}}")
+    for node in config.nodes:
+        print(f"  # nodes[{node.name}]:  tls: {{cert: {shown}/{node.name}.pem, "
+              f"key: {shown}/{node.name}-key.pem}}")
+    print(f"keep {shown}/ca-key.pem private (it signs new certificates), or delete it")
     return 0
 
 
@@ -327,8 +404,11 @@ def cmd_upcycle(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    os.execv(sys.executable, [sys.executable, "-m", "worker", "--host", args.host,
-                              "--port", str(args.port)])
+    command = [sys.executable, "-m", "worker", "--host", args.host, "--port", str(args.port)]
+    for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    os.execv(sys.executable, command)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -376,6 +456,11 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
     down = commands.add_parser("down", help="stop everything `up` started")
     down.set_defaults(run=cmd_down)
+    certs = commands.add_parser("certs", help="make a CA and node certificates for mutual TLS")
+    certs.add_argument("file", nargs="?", default="cluster.yaml")
+    certs.add_argument("--out", help="directory for the files (default: pomona-certs/ beside FILE)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(run=cmd_certs)
     fetch = commands.add_parser("fetch", help="download the default model into the cache")
     fetch.set_defaults(run=cmd_fetch)
     upcycle = commands.add_parser(
@@ -391,6 +476,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a worker for a `launch: manual` node")
     worker.add_argument("--host", default="0.0.0.0")
     worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--token-file", type=Path, required=True,
+                        help="the cluster's token (cluster.yaml's auth.token_file)")
+    worker.add_argument("--tls-ca", type=Path, help="with TLS: the cluster's CA certificate")
+    worker.add_argument("--tls-cert", type=Path, help="with TLS: this node's certificate")
+    worker.add_argument("--tls-key", type=Path, help="with TLS: this node's private key")
     worker.set_defaults(run=cmd_worker)
     return parser
 

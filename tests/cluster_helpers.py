@@ -19,6 +19,8 @@ import grpc
 import psutil
 import yaml
 
+from pomona import auth
+from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 POMONA = [sys.executable, "-m", "pomona.cli"]
@@ -112,12 +114,28 @@ class ClusterClient:
         )
 
 
-def cluster_pids(directory: Path) -> list[int]:
+def cluster_state(directory: Path) -> dict:
     try:
-        state = json.loads((directory / ".pomona" / "cluster.json").read_text())
+        return json.loads((directory / ".pomona" / "cluster.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def cluster_pids(directory: Path) -> list[int]:
+    """The coordinator's and its workers' pids (SSH workers' too: in tests their host is this one)."""
+    state = cluster_state(directory)
+    if not state:
         return []
-    return [state["pid"], *state.get("worker_pids", {}).values()]
+    remote = [w["remote_pid"] for w in state.get("remote_workers", {}).values() if w["remote_pid"]]
+    return [state["pid"], *(w["pid"] for w in state.get("local_workers", {}).values()), *remote]
+
+
+def coordinator_channel(directory: Path) -> grpc.Channel:
+    """An authenticated channel to the cluster `pomona up` started in `directory` (the CLI's way:
+    the token in .pomona/token, the TLS files cluster.json names)."""
+    state = cluster_state(directory)
+    node_secrets = auth.state_secrets(directory / ".pomona", state.get("tls"))
+    return auth.channel(state["address"], CHANNEL_OPTIONS, node_secrets)
 
 
 def assert_all_gone(pids: Sequence[int], timeout_s: float = 20) -> None:
@@ -167,9 +185,7 @@ def running_cluster(
         up = pomona("up", str(config_path), cwd=directory)
         pids = cluster_pids(directory)
         assert up.returncode == 0, f"pomona up failed:\n{up.stdout}\n{up.stderr}"
-        address = yaml.safe_load(config_path.read_text())["coordinator"]
-        channel = grpc.insecure_channel(f"{address['host']}:{address['port']}")
-        with channel:
+        with coordinator_channel(directory) as channel:
             yield ClusterClient(directory, coordinator_pb2_grpc.CoordinatorStub(channel), up.stdout)
     finally:
         pids = pids or cluster_pids(directory)

@@ -15,9 +15,9 @@ import grpc
 import mlx.core as mx
 import psutil
 
-from pomona import __version__
+from pomona import __version__, auth
 from pomona.errors import PomonaError
-from pomona.grpc_options import SERVER_OPTIONS
+from pomona.grpc_options import MAX_CONCURRENT_RPCS, WORKER_THREADS, server_options
 from pomona.power import detect_meter
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
@@ -243,16 +243,23 @@ def _gpu_working_set_bytes() -> int:
     return 0
 
 
-def serve(host: str, port: int) -> tuple[grpc.Server, threading.Event]:
-    """Start a worker server; returns it and an event set when it should stop."""
+def serve(
+    host: str, port: int, node_secrets: auth.NodeSecrets, max_message_bytes: int
+) -> tuple[grpc.Server, threading.Event]:
+    """Start a worker server that answers only calls carrying the cluster's token (and, with
+    TLS, a certificate of the cluster's CA); returns it and an event set when it should stop.
+    The secrets also serve this node's own links to other nodes."""
+    auth.install(node_secrets)
     stopped = threading.Event()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKER_THREADS),
+        options=server_options(max_message_bytes),
+        interceptors=[auth.TokenCheck(node_secrets.token)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     service = WorkerService(stop_server=stopped.set)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio raises where older versions returned 0
-        bound = 0
+    bound = auth.add_port(server, f"{host}:{port}", node_secrets)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
     server.start()
