@@ -164,7 +164,8 @@ def test_mutual_tls_cluster_matches_and_refuses_clients_without_a_cert(family_ch
         token = (directory / ".pomona" / "token").read_text().strip()
         config = yaml.safe_load((directory / "cluster.yaml").read_text())
         worker_address = f"127.0.0.1:{config['nodes'][0]['port']}"
-        ours = auth.TlsPems.from_files(*(certs / f for f in ("ca.pem", "coordinator.pem", "coordinator-key.pem")))
+        names = ("ca.pem", "coordinator.pem", "coordinator-key.pem")
+        ours = auth.TlsPems.from_files(*(certs / f for f in names))
         foreign = other / "pomona-certs"
         theirs = auth.TlsPems.from_files(*(foreign / f for f in ("ca.pem", "a.pem", "a-key.pem")))
         assert _describe(worker_address, auth.NodeSecrets(token, ours)).pid > 0
