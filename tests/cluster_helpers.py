@@ -38,6 +38,20 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def write_token_file(directory: Path, token: str = "test-cluster-token") -> Path:
+    """A token file for `auth.token_file` and for workers started by hand (`--token-file`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cluster-token"
+    auth.write_token(path, token)
+    return path
+
+
+def manual_worker_command(port: int, token_file: Path) -> list[str]:
+    """`python -m worker` as a person runs it for a `launch: manual` node."""
+    return [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port),
+            "--token-file", str(token_file)]
+
+
 def pomona(*args: str, cwd: Path, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*POMONA, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s
@@ -104,6 +118,10 @@ class ClusterClient:
         )
         chunks = list(self.stub.Generate(request, timeout=600))
         return chunks[-1].summary
+
+    def node_secrets(self) -> auth.NodeSecrets:
+        """What a client of this cluster shows: its token (and TLS files)."""
+        return auth.state_secrets(self.directory / ".pomona", cluster_state(self.directory).get("tls"))
 
     def expert_stats(self) -> coordinator_pb2.ClusterExpertStats:
         return self.stub.GetExpertStats(coordinator_pb2.ExpertStatsQuery(), timeout=20)
