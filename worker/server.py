@@ -26,14 +26,16 @@ from .engine import StageEngine
 from .link import GrpcLink
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
+from .validate import expert_request_problem, load_problem, measure_problem, profile_problem, stream_problem
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, stop_server) -> None:
-        self.engine = StageEngine()
-        self._loaded: worker_pb2.LoadShardRequest | None = None
+    def __init__(self, stop_server, max_message_bytes: int) -> None:
+        self.engine = StageEngine(max_message_bytes)
+        self._loaded: worker_pb2.LoadShardRequest | None = None  # or being loaded
+        self._load_lock = threading.Lock()
         self._stop_server = stop_server
         self._meter = None
         self._meter_lock = threading.Lock()
@@ -54,6 +56,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Profile(self, request, context):
         from .profiling import profile_node  # MLX-heavy: only when asked
 
+        if problem := profile_problem(request):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         job = self.engine.call(lambda: profile_node(request))
         try:
             return job.result(timeout=max(request.time_budget_s, 1.0) * 4 + 60)
@@ -64,6 +68,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def MeasureLinks(self, request, context):
         # Off the engine thread: the probe only waits on the network.
+        if problem := measure_problem(request, self.engine.max_message_bytes):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         reply = worker_pb2.MeasureLinksReply()
         for target in request.targets:
             reply.links.append(
@@ -80,6 +86,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return reply
 
     def LoadShard(self, request, context):
+        with self._load_lock:  # a second Load (even mid-generation) must not drop this one
+            problem = load_problem(request, self._loaded)
+            if not problem:
+                self._loaded = request
+        if problem:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        try:
+            yield from self._load(request)
+        except BaseException:
+            self._loaded = None
+            raise
+
+    def _load(self, request):
         progress: queue.SimpleQueue = queue.SimpleQueue()
 
         def report(fraction: float, message: str) -> None:
@@ -127,9 +146,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if error is not None:
             reason = str(error) if isinstance(error, PomonaError) else f"{type(error).__name__}: {error}"
             log.error("loading failed: %s", reason)
+            self._loaded = None
             yield worker_pb2.LoadProgress(done=True, error=reason)
             return
-        self._loaded = request
         yield worker_pb2.LoadProgress(
             fraction=1.0,
             done=True,
@@ -198,6 +217,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Forward(self, request_iterator, context):
         for message in request_iterator:
+            problem = stream_problem(message)
+            starts = message.WhichOneof("body") == "start"
+            if not problem and starts and not self.engine.claim(message.request_id):
+                problem = f"request id {message.request_id!r} is already in use here; closing this stream"
+            if problem:  # the sender is broken: its stream goes, every other request runs on
+                log.warning("refused a data-plane stream from %s: %s", context.peer(), problem)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             self.engine.submit(message)
         return worker_pb2.ForwardReply()
 
@@ -207,6 +233,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Experts(self, request_iterator, context):
         engine = self.engine
         for request in request_iterator:
+            if problem := expert_request_problem(request, engine.dispatcher.host, engine.max_message_bytes):
+                yield worker_pb2.ExpertReply(error=problem, dispatch_id=request.dispatch_id)
+                continue
             if engine.experts_only:
                 yield engine.compute_expert_here(request)
                 continue
@@ -257,7 +286,7 @@ def serve(
         interceptors=[auth.TokenCheck(node_secrets.token)],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    service = WorkerService(stop_server=stopped.set)
+    service = WorkerService(stopped.set, max_message_bytes)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     bound = auth.add_port(server, f"{host}:{port}", node_secrets)
     if bound == 0:
