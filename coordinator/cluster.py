@@ -30,6 +30,7 @@ from pomona.profiles import ClusterProfile, Workload
 from pomona.proto import worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
 
+from . import heartbeat
 from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
 from .profiling import NodeMeasurement, profile_cluster
@@ -86,6 +87,9 @@ class Cluster:
     _first_stage_call: grpc.aio.StreamUnaryCall | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
+    # Per node: the task reading its Results stream, and the one sending it heartbeats.
+    _results: dict[str, asyncio.Task] = field(default_factory=dict)
+    _heartbeats: dict[str, asyncio.Task] = field(default_factory=dict)
 
     # The plan's parts, for status (empty until the cluster is placed).
     @property
@@ -152,6 +156,15 @@ class Cluster:
         self.router.energy = self.energy
         self.energy.origin = await self.energy.snapshot()
         self.state, self.message = "ready", "ready"
+        for name in self.placement.nodes:  # a hung node keeps its sockets: ask it, often
+            self._watch_heartbeat(name)
+
+    def _watch_heartbeat(self, name: str) -> None:
+        if (old := self._heartbeats.get(name)) is not None:
+            old.cancel()
+        task = asyncio.create_task(heartbeat.watch(name, self.nodes[name].stub, self._node_lost))
+        self._heartbeats[name] = task
+        self._tasks.append(task)
 
     async def _measure(self) -> None:
         """Profile every node's compute and power and every link (see coordinator.profiling)."""
@@ -214,7 +227,8 @@ class Cluster:
     async def _subscribe(self, names) -> None:
         subscribed = {name: asyncio.Event() for name in names}
         for name, event in subscribed.items():
-            self._tasks.append(asyncio.create_task(self._consume_results(name, event)))
+            self._results[name] = asyncio.create_task(self._consume_results(name, event))
+            self._tasks.append(self._results[name])
         # Tokens published before a subscription would be lost: wait until all are in place.
         waits = asyncio.gather(*(e.wait() for e in subscribed.values()))
         await asyncio.wait_for(waits, LOAD_TIMEOUT_S)
@@ -317,6 +331,11 @@ class Cluster:
         )
         log.error(self.error)
         self.router.fail_all(self.error)
+        # A hung node's streams may still be open: close its subscription, so that a node that
+        # comes back is subscribed once, not twice.
+        results = self._results.pop(name, None)
+        if results is not None and results is not asyncio.current_task():
+            results.cancel()
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
 
     async def _watch_lost(self, name: str) -> None:
@@ -333,9 +352,12 @@ class Cluster:
                 continue  # restarted: its shard is gone, a reload is needed (see the error)
             await self._subscribe([name])
             if name == self.placement.stages[0].node:
+                if self._first_stage_call is not None:
+                    self._first_stage_call.cancel()  # a hung stage 0 may still hold the old one
                 self._first_stage_call = node.stub.Forward(wait_for_ready=True)
             del self._lost[name]
             node.state = "ready"
+            self._watch_heartbeat(name)
             if not self._lost:
                 self.state, self.error = "ready", ""
                 log.info("node %r answers again: the cluster is ready", name)
