@@ -388,6 +388,12 @@ async def wait_until_reachable(
                     worker_pb2.DescribeRequest(), timeout=min(DESCRIBE_TRY_TIMEOUT_S, remaining_s)
                 )
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # it answers, but not to us
+                raise NodeUnreachable(
+                    f"node {node.name!r} at {node.address} refused the cluster's token: it runs a "
+                    "worker of another cluster, or one started by hand with another --token-file "
+                    "(give it this cluster's auth.token_file)"
+                ) from None
             last_error = error.details() or error.code().name
         await asyncio.sleep(max(0.0, min(RETRY_INTERVAL_S, deadline - loop.time())))
 
@@ -400,8 +406,9 @@ def _timeout_message(
     if process is None:
         return (
             f"{head} (last error: {last_error}): check that its worker is running (launch: manual "
-            f"means Pomona does not start it: run `python -m worker --host {node.host} --port "
-            f"{node.port}` on that machine), that host and port are right, and {firewall}"
+            f"means Pomona does not start it: run `pomona worker --host {node.host} --port "
+            f"{node.port} --token-file FILE` on that machine, FILE holding the cluster's "
+            f"auth.token_file), that host and port are right, and {firewall}"
         )
     return (
         f"{head} although its worker is running (last error: {last_error}): it may still be "

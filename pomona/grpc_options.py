@@ -30,8 +30,9 @@ CHANNEL_OPTIONS = [
 
 # Data-plane links (stage to stage, stage to expert node) ping their peer every second and should
 # give up after another second without an answer, so that a peer that vanishes without closing its
-# sockets (a powered-off Mac, a pulled cable) fails its requests instead of hanging them. Not yet
-# effective: a SIGSTOPped peer took ~61 s to fail a request (README, "What remains").
+# sockets (a powered-off Mac, a pulled cable) fails its requests instead of hanging them. Not
+# effective alone: a SIGSTOPped peer kept its transport for ~61 s (README, "What remains"); the
+# coordinator's heartbeats (coordinator/heartbeat.py) detect such a node within 3 s.
 DATA_CHANNEL_OPTIONS = [
     *CHANNEL_OPTIONS,
     ("grpc.keepalive_time_ms", 1000),

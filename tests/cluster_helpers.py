@@ -52,6 +52,13 @@ def manual_worker_command(port: int, token_file: Path) -> list[str]:
             "--token-file", str(token_file)]
 
 
+def wait_for_worker(port: int, token_file: Path, timeout_s: float = 120) -> None:
+    """Until a worker started by hand answers (a manual node gets only seconds at `up`)."""
+    node_secrets = auth.NodeSecrets(auth.read_token(token_file))
+    with auth.channel(f"127.0.0.1:{port}", CHANNEL_OPTIONS, node_secrets) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+
+
 def pomona(*args: str, cwd: Path, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*POMONA, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s

@@ -15,7 +15,14 @@ import grpc
 import psutil
 import pytest
 import yaml
-from cluster_helpers import cluster_state, free_ports, pomona, running_cluster, write_cluster_yaml
+from cluster_helpers import (
+    cluster_state,
+    free_ports,
+    pomona,
+    running_cluster,
+    wait_for_worker,
+    write_cluster_yaml,
+)
 from layouts import LAYOUTS, PROMPT
 from tiny_models import reference_generate
 
@@ -109,6 +116,7 @@ def test_token_file_and_a_manual_worker(family_checkpoints, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
+        wait_for_worker(port, token_file)
         overrides = [{}, {"port": port, "launch": "manual"}]
         extra = {"auth": {"token_file": str(token_file)}}
         layout = LAYOUTS["llama"][2]
@@ -125,7 +133,7 @@ def test_token_file_and_a_manual_worker(family_checkpoints, tmp_path):
         up = pomona("up", str(config_path), cwd=other, timeout_s=120)
         pomona("down", cwd=other, timeout_s=60)
         assert up.returncode != 0
-        assert "UNAUTHENTICATED" in up.stderr or "token" in up.stderr, up.stderr
+        assert "node 'a' at 127.0.0.1:" in up.stderr and "refused the cluster's token" in up.stderr, up.stderr
     finally:
         worker.kill()
         worker.wait(timeout=10)
