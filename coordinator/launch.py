@@ -138,14 +138,17 @@ class _SshWorker(WorkerProcess):
         self._process = process
         # Done once the remote output has ended and the channel closed: the log is then complete,
         # so an exit reported by exit_code() always comes with the worker's last words.
-        self._remote_pid: int | None = None  # from the command's first line; for _kill_remote
+        # From the command's first line, for _kill_remote: the remote pid and its start time
+        # (`ps -o lstart=`), which exec keeps, so a reused pid is never killed.
+        self._remote_pid: int | None = None
+        self._remote_start = b""
         self._watch = asyncio.create_task(self._copy_output(log_file))
 
     async def _copy_output(self, log_file: BinaryIO) -> None:
         try:
             first_line = await self._process.stdout.readline()
-            if match := re.fullmatch(rb"pomona: worker pid (\d+)\n", first_line):
-                self._remote_pid = int(match[1])
+            if match := re.fullmatch(rb"pomona: worker pid (\d+) started (.*)\n", first_line):
+                self._remote_pid, self._remote_start = int(match[1]), match[2]
             chunk = first_line
             while chunk:
                 log_file.write(chunk)
@@ -179,7 +182,8 @@ class _SshWorker(WorkerProcess):
         # Not an SSH signal request: OpenSSH refuses those for root logins and before 7.9.
         if self._remote_pid is not None:
             with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-                command = f"kill -KILL {self._remote_pid}"
+                pid, started = self._remote_pid, shlex.quote(self._remote_start.decode(errors="replace"))
+                command = f'[ "$(ps -o lstart= -p {pid})" = {started} ] && kill -KILL {pid}'
                 await asyncio.wait_for(self._connection.run(command), KILL_WAIT_S)
 
     def _abandon(self) -> None:
@@ -287,16 +291,16 @@ def _shell_path(path: str) -> str:
 
 
 def _remote_command(node: NodeConfig, args: list[str]) -> str:
-    """`echo pid; cd WORKDIR && exec env K=V ... PYTHON -m worker ...`.
+    """`echo pid and start time; cd WORKDIR && exec env K=V ... PYTHON -m worker ...`.
 
-    exec keeps the shell's pid `$$` for the worker, so the echoed pid is the worker's: stop() can
-    kill it if it ignores EOF.
+    exec keeps the shell's pid `$$` and start time for the worker, so the echoed pid is the
+    worker's: stop() can kill it if it ignores EOF, after checking the start time still matches.
     """
     worker = " ".join([_shell_path(node.python or "python3"), *map(shlex.quote, args)])
     env = " ".join(shlex.quote(f"{key}={value}") for key, value in node.env.items())
     command = f"exec env {env} {worker}" if env else f"exec {worker}"
     command = f"cd {_shell_path(node.workdir)} && {command}" if node.workdir else command
-    return f'echo "pomona: worker pid $$"; {command}'
+    return f'echo "pomona: worker pid $$ started $(ps -o lstart= -p $$)"; {command}'
 
 
 async def _launch_ssh(

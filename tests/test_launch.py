@@ -397,7 +397,7 @@ def test_remote_command_quotes_and_keeps_the_worker_pid() -> None:
         "n", "10.0.0.2", 5000, None, "ssh", ssh, "~/venv/bin/python", "~/my pomona", {"A": "x y"}
     )
     assert _remote_command(node, _worker_command(node, 4096)) == (
-        "echo \"pomona: worker pid $$\"; cd ~/'my pomona' && exec env 'A=x y' "
+        "echo \"pomona: worker pid $$ started $(ps -o lstart= -p $$)\"; cd ~/'my pomona' && exec env 'A=x y' "
         "~/venv/bin/python -m worker --host 10.0.0.2 --port 5000 --exit-on-stdin-eof "
         "--secrets-stdin --max-message-bytes 4096"
     )
