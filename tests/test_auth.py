@@ -193,3 +193,72 @@ def test_mutual_tls_cluster_matches_and_refuses_clients_without_a_cert(family_ch
         with pytest.raises(grpc.RpcError) as caught:
             _describe(worker_address, auth.NodeSecrets("not-the-token", ours))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- the pure parts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ((), "carries no token"),
+        ((("other", "x"),), "carries no token"),
+        ((("pomona-token", "secret-x"),), "carries a wrong token"),
+        ((("pomona-token", "secre"),), "carries a wrong token"),  # a prefix is not the token
+        ((("pomona-token", "secret"), ("pomona-token", "secret")), "carries a wrong token"),
+        ((("pomona-token", b"secret"),), ""),
+        ((("pomona-token", "secret"),), ""),
+    ],
+)
+def test_token_check(metadata, problem):
+    assert auth._accepts("secret", metadata) == problem
+
+
+def test_secrets_line_round_trip_and_refusals():
+    pems = auth.TlsPems(b"ca", b"cert", b"key")
+    for node_secrets in (auth.NodeSecrets("t"), auth.NodeSecrets("t", pems)):
+        line = node_secrets.to_line()
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert auth.NodeSecrets.from_line(line) == node_secrets
+    for bad in (b"", b"not json\n", b'{"token": ""}\n', b'{"token": 5}\n', b'{"tls": {}}\n'):
+        with pytest.raises(auth.AuthError):
+            auth.NodeSecrets.from_line(bad)
+
+
+TLS_CASES = [
+    ("tls:\n  ca: ca.pem\n  cert: c.pem\n", "tls: missing required key 'key'"),
+    ("tls: {ca: nope.pem, cert: c.pem, key: k.pem}\n", "tls.ca: no such file"),
+    ("auth: {token_file: missing}\n", "auth.token_file: no such file"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", TLS_CASES)
+def test_auth_and_tls_config_errors(tmp_path, extra, expected):
+    from pomona.config import load_cluster_config
+    from pomona.errors import ConfigError
+
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "cluster.yaml").write_text("nodes:\n  - {name: a, host: 127.0.0.1, port: 50051}\n" + extra)
+    with pytest.raises(ConfigError) as caught:
+        load_cluster_config(tmp_path / "cluster.yaml")
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_a_node_certificate_needs_the_cluster_ca(tmp_path):
+    from pomona.config import load_cluster_config
+    from pomona.errors import ConfigError
+
+    for name in ("c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "cluster.yaml").write_text(
+        "nodes:\n  - {name: a, host: 127.0.0.1, port: 50051, tls: {cert: c.pem, key: k.pem}}\n"
+    )
+    with pytest.raises(ConfigError, match="needs the top-level `tls: {ca, cert, key}`"):
+        load_cluster_config(tmp_path / "cluster.yaml")
+    (tmp_path / "ca.pem").write_text("x")
+    with open(tmp_path / "cluster.yaml", "a") as file:
+        file.write("tls: {ca: ca.pem, cert: c.pem, key: k.pem}\nauth: {token_file: k.pem}\n")
+    config = load_cluster_config(tmp_path / "cluster.yaml")
+    assert config.tls.ca == str(tmp_path / "ca.pem") and config.nodes[0].tls.cert == str(tmp_path / "c.pem")
+    assert config.auth.token_file == str(tmp_path / "k.pem")
