@@ -24,7 +24,7 @@ from layouts import PROMPT
 from tiny_models import make_tiny_checkpoint, reference_generate
 
 from pomona import auth
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import CHANNEL_OPTIONS, MAX_STREAMS_PER_CONNECTION
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
 
@@ -167,6 +167,40 @@ def _started_at_b(request_id: str) -> worker_pb2.StageMessage:
     return _start(request_id, prompt=())  # stage b (not first) takes a start without prompt
 
 
+def _streams_on_one_connection(ports: Ports, count: int = 40) -> str:
+    """Open ``count`` echo streams on one connection to node b; how many got a slot in time."""
+    stub, release = ports.worker("b"), threading.Event()
+
+    def held(first: worker_pb2.PingMessage):
+        yield first
+        release.wait(10)  # keep the stream open until every stream has tried
+
+    streams = [stub.Ping(held(worker_pb2.PingMessage(payload=b"x")), timeout=5) for _ in range(count)]
+    answered = [0]
+
+    def first_echo(stream) -> None:
+        try:
+            next(stream)
+            answered[0] += 1
+        except grpc.RpcError:
+            pass
+
+    readers = [threading.Thread(target=first_echo, args=(s,)) for s in streams]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(2.0 if reader is readers[0] else 0.05)
+    opened = answered[0]
+    release.set()
+    # 32 streams per connection (MAX_STREAMS_PER_CONNECTION); this channel's Results stream holds one.
+    assert 16 <= opened <= MAX_STREAMS_PER_CONNECTION - 1, opened
+    for stream in streams:
+        stream.cancel()
+    for reader in readers:
+        reader.join(10)
+    return f"{opened} of {count} streams answered while the rest waited for a slot"
+
+
 # name -> (what to send, expected status code or None for a request error, words the error has)
 def bad_inputs(ports: Ports) -> dict[str, tuple[Callable[[], object], object, str]]:
     big = b"x" * (40 * 2**20)
@@ -264,6 +298,8 @@ def bad_inputs(ports: Ports) -> dict[str, tuple[Callable[[], object], object, st
         "unknown chat role": (
             _generate(ports, raw=False, messages=[coordinator_pb2.ChatMessage(role="root", content="x")]),
             grpc.StatusCode.INVALID_ARGUMENT, "chat role"),
+        "40 streams on one connection": (
+            lambda: _streams_on_one_connection(ports), None, "of 40 streams answered while the rest waited"),
         "a thousand stop strings": (
             _generate(ports, stop=["x"] * 1000), grpc.StatusCode.INVALID_ARGUMENT, "stop strings"),
     }
