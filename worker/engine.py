@@ -189,8 +189,9 @@ class StageEngine:
             )
 
     def release(self) -> None:
-        for request_id in list(self.requests):
-            self._forget(request_id)
+        self.requests.clear()
+        with self._claim_lock:
+            self._claimed.clear()
         self.stage = None
         if self.next_link is not None:
             self.next_link.close()

@@ -35,7 +35,8 @@ class BadInput(PomonaError, ValueError):
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What the loaded shard accepts: from the model's config and the worker's message cap."""
+    """What the loaded shard accepts: from the model's config and the worker's message cap.
+    A size the config does not give is 0, and what depends on it is not checked."""
 
     vocab_size: int
     hidden_size: int
@@ -78,7 +79,7 @@ def _finite(name: str, value: float) -> float:
 
 
 def check_token(token_id: int, limits: ModelLimits, what: str = "token id") -> None:
-    if not 0 <= token_id < limits.vocab_size:
+    if token_id < 0 or (limits.vocab_size and token_id >= limits.vocab_size):
         raise BadInput(f"{what} {token_id} is outside the vocabulary (0 to {limits.vocab_size - 1})")
 
 
@@ -91,7 +92,7 @@ def check_start(start, limits: ModelLimits, is_first: bool) -> None:
             count = len(start.prompt_token_ids)
             raise BadInput(f"the prompt has {count} tokens; at most {MAX_PROMPT_TOKENS}")
         ids = np.asarray(start.prompt_token_ids, dtype=np.int64)
-        bad = ids[(ids < 0) | (ids >= limits.vocab_size)]
+        bad = ids[(ids < 0) | (ids >= (limits.vocab_size or np.iinfo(np.int64).max))]
         if bad.size:
             check_token(int(bad[0]), limits, "prompt token id")
     if start.max_tokens < 1:
@@ -108,7 +109,7 @@ def check_start(start, limits: ModelLimits, is_first: bool) -> None:
     for name in ("top_p", "min_p"):
         if not 0 <= _finite(name, getattr(sampling, name)) <= 1:
             raise BadInput(f"{name} must be between 0 and 1, got {getattr(sampling, name)}")
-    if not 0 <= sampling.top_k <= limits.vocab_size:
+    if sampling.top_k < 0 or (limits.vocab_size and sampling.top_k > limits.vocab_size):
         raise BadInput(f"top_k must be between 0 and the vocabulary size {limits.vocab_size}, "
                        f"got {sampling.top_k}")
 
@@ -122,7 +123,7 @@ def check_hidden(tensor, width: int, max_rows: int, rank: int = 3) -> None:
                        f"got dtype {tensor.dtype!r}")
     shape = list(tensor.shape)
     expected = "[1, tokens, {w}]" if rank == 3 else "[rows, {w}]"
-    if (len(shape) != rank or shape[-1] != width or (rank == 3 and shape[0] != 1)
+    if (len(shape) != rank or (width and shape[-1] != width) or (rank == 3 and shape[0] != 1)
             or not 1 <= shape[-2] <= max_rows):
         raise BadInput(f"hidden states must have shape {expected.format(w=width)} with 1 to "
                        f"{max_rows} tokens, got {shape}")
