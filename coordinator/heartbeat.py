@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 0.4  # a ping this often
 SILENCE_S = 2.0  # no answer for this long: the node is lost
 CHECK_S = 0.1
+# If this loop itself did not run for this long (the coordinator's event loop was busy, e.g.
+# tokenizing a huge prompt), answers may be waiting unread: the silence is ours, not the node's.
+STALL_S = 0.5
 MAX_OUTSTANDING = 8  # pings in flight at once (a hung node never answers them)
 
 
@@ -46,10 +49,13 @@ async def watch(
         except grpc.aio.AioRpcError:
             pass  # silence: counted by the watcher below
 
-    next_ping = loop.time()
+    next_ping = last_check = loop.time()
     try:
         while True:
             now = loop.time()
+            if now - last_check > STALL_S:
+                last_answer = max(last_answer, now)  # start counting again
+            last_check = now
             if now - last_answer > SILENCE_S:
                 why = f"no heartbeat answer for {now - last_answer:.1f} s: it hangs, is stopped or is cut off"
                 log.error("node %r: %s", name, why)
