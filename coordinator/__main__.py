@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import grpc
-import psutil
 
 from pomona import auth
+from pomona.cluster_record import process_identity
 from pomona.config import load_cluster_config
 from pomona.errors import PomonaError
 from pomona.grpc_options import COORDINATOR_MESSAGE_BYTES, server_options
@@ -36,14 +36,6 @@ FAILED_LINGER_S = 30.0
 # Client streams (Generate) the coordinator serves at once; more are refused, not queued.
 MAX_COORDINATOR_RPCS = 512
 STREAMS_PER_CLIENT = 128
-
-
-def process_identity(pid: int) -> dict:
-    """What `pomona down` checks before it signals `pid`: the process's create time."""
-    try:
-        return {"pid": pid, "create_time": psutil.Process(pid).create_time()}
-    except psutil.Error:
-        return {"pid": pid, "create_time": None}  # gone already: down will find nothing to stop
 
 
 def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:

@@ -12,16 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
-import psutil
 
 from pomona import auth
+from pomona.cluster_record import (
+    process_identity,
+    recorded_state,
+    running_state,
+    same_process,
+    stop_everything,
+)
 from pomona.config import OBJECTIVES, load_cluster_config
 from pomona.display import (
     expert_stats_lines,
@@ -37,7 +42,6 @@ from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 STATE_DIR = Path(".pomona")
 UP_TIMEOUT_S = 1800.0
-STOP_TIMEOUT_S = 20.0
 
 
 class CliError(PomonaError):
@@ -45,32 +49,6 @@ class CliError(PomonaError):
 
 
 # -- the running cluster's record --------------------------------------------------------------
-
-
-def _recorded_state(state_dir: Path) -> dict | None:
-    try:
-        state = json.loads((state_dir / "cluster.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _read_state(state_dir: Path) -> dict | None:
-    """The running cluster's record; None when there is none or its coordinator is gone (its
-    pid may now belong to an unrelated process)."""
-    state = _recorded_state(state_dir)
-    return state if state is not None and _same_process(state) else None
-
-
-def _same_process(identity: dict) -> bool:
-    """True if the recorded pid is still the process that was recorded (same create time)."""
-    try:
-        process = psutil.Process(int(identity["pid"]))
-        alive = process.status() != psutil.STATUS_ZOMBIE
-        # A small tolerance: the time is derived from the boot time, which the kernel may adjust.
-        return alive and abs(float(identity["create_time"]) - process.create_time()) < 0.05
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
 
 
 def _stub(address: str, node_secrets: auth.NodeSecrets) -> coordinator_pb2_grpc.CoordinatorStub:
@@ -82,46 +60,13 @@ def _cluster_stub(state: dict, state_dir: Path) -> coordinator_pb2_grpc.Coordina
 
 
 def _running_cluster(state_dir: Path) -> dict:
-    state = _read_state(state_dir)
+    state = running_state(state_dir)
     if state is None:
         raise CliError(
             f"no cluster is running here (no live coordinator in {state_dir}/): "
             "start one with `pomona up`"
         )
     return state
-
-
-def _wait_gone(identities: list[dict], timeout_s: float) -> list[dict]:
-    """The recorded processes still running (the same processes) after up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    alive = [i for i in identities if _same_process(i)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [i for i in alive if _same_process(i)]
-    return alive
-
-
-def _stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets | None) -> None:
-    """Ask the coordinator to stop (it stops its workers: local ones through their stdin, SSH
-    ones through their SSH channel); then make sure it and its local workers are gone, signalling
-    only processes whose create time matches the record. SSH workers are never signalled from
-    here: their pids are another host's; they exit when the coordinator's channel closes."""
-    if node_secrets is not None:
-        try:
-            stub = _stub(state["address"], node_secrets)
-            stub.StopCluster(coordinator_pb2.StopClusterRequest(), timeout=5)
-        except grpc.RpcError:
-            pass
-    identities = [state, *state.get("local_workers", {}).values()]
-    for identity in _wait_gone(identities, STOP_TIMEOUT_S):
-        if _same_process(identity):  # checked again right before the signal
-            try:
-                os.kill(identity["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    _wait_gone(identities, 5)
-    (state_dir / "cluster.json").unlink(missing_ok=True)
-    (state_dir / auth.TOKEN_FILE).unlink(missing_ok=True)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -134,7 +79,7 @@ def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
 def cmd_up(args) -> int:
     config = load_cluster_config(args.file)
     state_dir = args.state_dir
-    existing = _read_state(state_dir)
+    existing = running_state(state_dir)
     if existing is not None:
         raise CliError(
             f"a cluster is already running here (coordinator pid {existing['pid']}): "
@@ -192,11 +137,11 @@ def cmd_up(args) -> int:
         time.sleep(0.3)
     if status is None or status.state != "ready":
         reason = status.error if status is not None and status.error else "timed out"
-        coordinator = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
-        state = _recorded_state(state_dir) or {}
-        if not _same_process(state):
+        coordinator = process_identity(process.pid)
+        state = recorded_state(state_dir) or {}
+        if not same_process(state):
             state = coordinator  # it died before recording itself: only our child to stop
-        _stop_everything({**state, "address": config.coordinator.address}, state_dir, node_secrets)
+        stop_everything({**state, "address": config.coordinator.address}, state_dir, node_secrets)
         process.wait(timeout=5)
         raise CliError(f"the cluster did not come up: {reason}")
     print(f"cluster ready; coordinator at {config.coordinator.address}")
@@ -234,7 +179,7 @@ def cmd_plan(args) -> int:
         _check_machines(config)
         if args.objective:
             config = replace(config, scheduler=replace(config.scheduler, objective=args.objective))
-        if _read_state(args.state_dir) is not None:
+        if running_state(args.state_dir) is not None:
             raise CliError("a cluster is running here; `pomona plan` starts its own nodes: run "
                            "`pomona down` first (or plan from another directory)")
         (args.state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -324,13 +269,13 @@ def cmd_status(args) -> int:
 
 def cmd_down(args) -> int:
     state_dir = args.state_dir
-    state = _read_state(state_dir)
+    state = running_state(state_dir)
     if state is None:
-        recorded = _recorded_state(state_dir)
+        recorded = recorded_state(state_dir)
         if recorded is not None:
             # The coordinator is gone (a reused pid is another process: left alone). Its local
             # workers exit with it; any that did not and are still the same processes go now.
-            _stop_everything(recorded, state_dir, None)
+            stop_everything(recorded, state_dir, None)
             print("no cluster is running here (removed the stale record in "
                   f"{state_dir / 'cluster.json'})")
         else:
@@ -341,7 +286,7 @@ def cmd_down(args) -> int:
     except auth.AuthError as error:
         print(f"pomona: {error}; stopping the processes recorded instead", file=sys.stderr)
         node_secrets = None
-    _stop_everything(state, state_dir, node_secrets)
+    stop_everything(state, state_dir, node_secrets)
     print("cluster stopped")
     return 0
 
