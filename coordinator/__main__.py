@@ -38,6 +38,11 @@ MAX_COORDINATOR_RPCS = 512
 STREAMS_PER_CLIENT = 128
 
 
+def _remote_identity(process) -> dict:
+    pid, started = getattr(process, "remote_identity", None) or (None, "")
+    return {"host": process.node.host, "remote_pid": pid, "remote_start": started}
+
+
 def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
     tls = cluster.config.tls
     state = {
@@ -51,8 +56,10 @@ def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
             for name, node in cluster.nodes.items()
             if node.process is not None and node.process.local_pid is not None
         },
+        # For information, and for `down` to stop a leftover over SSH after checking its start
+        # time there; never signalled here.
         "remote_workers": {
-            name: {"host": node.config.host, "remote_pid": node.info.pid if node.info else None}
+            name: _remote_identity(node.process)
             for name, node in cluster.nodes.items()
             if node.process is not None and node.process.local_pid is None
         },

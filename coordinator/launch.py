@@ -160,6 +160,13 @@ class _SshWorker(WorkerProcess):
         finally:
             log_file.close()
 
+    @property
+    def remote_identity(self) -> tuple[int, str] | None:
+        """(pid, start time) of the worker on its host, once its first line came."""
+        if self._remote_pid is None:
+            return None
+        return self._remote_pid, self._remote_start.decode(errors="replace")
+
     def exit_code(self) -> int | None:
         if not self._watch.done():
             return None
@@ -180,10 +187,9 @@ class _SshWorker(WorkerProcess):
 
     async def _kill_remote(self) -> None:
         # Not an SSH signal request: OpenSSH refuses those for root logins and before 7.9.
-        if self._remote_pid is not None:
+        if self.remote_identity is not None:
             with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-                pid, started = self._remote_pid, shlex.quote(self._remote_start.decode(errors="replace"))
-                command = f'[ "$(ps -o lstart= -p {pid})" = {started} ] && kill -KILL {pid}'
+                command = _identity_checked_kill(*self.remote_identity)
                 await asyncio.wait_for(self._connection.run(command), KILL_WAIT_S)
 
     def _abandon(self) -> None:
@@ -191,6 +197,25 @@ class _SshWorker(WorkerProcess):
         self._watch.cancel()
         self._process.close()
         self._connection.close()
+
+
+def _identity_checked_kill(pid: int, started: str) -> str:
+    """A shell command that SIGKILLs `pid` only if it is still the process started at `started`."""
+    return f'[ "$(ps -o lstart= -p {pid})" = {shlex.quote(started)} ] && kill -KILL {pid}'
+
+
+async def kill_remote_worker(node: NodeConfig, pid: int, started: str) -> bool:
+    """For `pomona down` when the coordinator is gone: over a new SSH session, SIGKILL a worker
+    left on `node`'s host (it ignored its channel's end) if `pid` is still the process that
+    started at `started`. True if it was killed."""
+    connection, target = await _ssh_connect(node)
+    try:
+        result = await asyncio.wait_for(connection.run(_identity_checked_kill(pid, started)), KILL_WAIT_S)
+        return result.exit_status == 0
+    except (OSError, asyncssh.Error) as error:  # TimeoutError is an OSError
+        raise NodeUnreachable(f"node {node.name!r}: the kill over SSH on {target} failed: {error}") from None
+    finally:
+        connection.close()
 
 
 async def launch_worker(
@@ -303,9 +328,8 @@ def _remote_command(node: NodeConfig, args: list[str]) -> str:
     return f'echo "pomona: worker pid $$ started $(ps -o lstart= -p $$)"; {command}'
 
 
-async def _launch_ssh(
-    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
-) -> WorkerProcess:
+async def _ssh_connect(node: NodeConfig) -> tuple[asyncssh.SSHClientConnection, str]:
+    """An SSH connection to `node` and how to name it (user@host:port); NodeUnreachable if not."""
     ssh = node.ssh
     if ssh is None:
         raise PomonaError(f"node {node.name!r}: launch is ssh but it has no ssh settings")
@@ -322,7 +346,13 @@ async def _launch_ssh(
         )
     except (OSError, asyncssh.Error, ValueError, TimeoutError) as error:
         raise NodeUnreachable(_ssh_failure(node, target, error)) from None
+    return connection, target
 
+
+async def _launch_ssh(
+    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
+) -> WorkerProcess:
+    connection, target = await _ssh_connect(node)
     command = _remote_command(node, args)
     log.info("node %r: running over SSH on %s: %s (log: %s)", node.name, target, command, log_path)
     try:

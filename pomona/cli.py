@@ -276,6 +276,7 @@ def cmd_down(args) -> int:
             # The coordinator is gone (a reused pid is another process: left alone). Its local
             # workers exit with it; any that did not and are still the same processes go now.
             stop_everything(recorded, state_dir, None)
+            _stop_ssh_leftovers(recorded)
             print("no cluster is running here (removed the stale record in "
                   f"{state_dir / 'cluster.json'})")
         else:
@@ -286,9 +287,37 @@ def cmd_down(args) -> int:
     except auth.AuthError as error:
         print(f"pomona: {error}; stopping the processes recorded instead", file=sys.stderr)
         node_secrets = None
-    stop_everything(state, state_dir, node_secrets)
+    if stop_everything(state, state_dir, node_secrets):
+        _stop_ssh_leftovers(state)  # the coordinator had to be killed: it stopped no one
     print("cluster stopped")
     return 0
+
+
+def _stop_ssh_leftovers(state: dict) -> None:
+    """SSH workers that outlived a dead coordinator (they ignored the end of their channel):
+    over a new SSH session, killed only if the recorded pid still has the recorded start time."""
+    remote = {name: worker for name, worker in state.get("remote_workers", {}).items()
+              if worker.get("remote_pid") and worker.get("remote_start")}
+    if not remote:
+        return
+    import asyncio
+
+    from coordinator.launch import kill_remote_worker  # asyncssh: only when needed
+
+    try:
+        config = load_cluster_config(state["config"])
+    except PomonaError as error:
+        print(f"pomona: cannot check the SSH workers for leftovers: {error}", file=sys.stderr)
+        return
+    for name, worker in remote.items():
+        pid, host = worker["remote_pid"], worker["host"]
+        try:
+            killed = asyncio.run(kill_remote_worker(config.node(name), pid, worker["remote_start"]))
+        except (PomonaError, KeyError, OSError) as error:
+            print(f"pomona: node {name!r}: cannot check for a leftover worker: {error}", file=sys.stderr)
+            continue
+        if killed:
+            print(f"stopped the leftover worker of node {name!r} (pid {pid} on {host})")
 
 
 def cmd_certs(args) -> int:

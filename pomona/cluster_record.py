@@ -68,11 +68,12 @@ def _wait_gone(identities: list[dict], timeout_s: float) -> list[dict]:
     return alive
 
 
-def stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets | None) -> None:
+def stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets | None) -> bool:
     """Ask the coordinator to stop (it stops its workers: local ones through their stdin, SSH
     ones through their SSH channel); then make sure it and its local workers are gone, signalling
     only processes whose create time matches the record. SSH workers are never signalled from
-    here: their pids are another host's; they exit when the coordinator's channel closes."""
+    here: their pids are another host's; they exit when the coordinator's channel closes.
+    True if the coordinator itself had to be killed (it may have left SSH workers behind)."""
     if node_secrets is not None:
         with auth.channel(state["address"], CHANNEL_OPTIONS, node_secrets) as channel:
             try:
@@ -81,7 +82,8 @@ def stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets
             except grpc.RpcError:
                 pass
     identities = [state, *state.get("local_workers", {}).values()]
-    for identity in _wait_gone(identities, STOP_TIMEOUT_S):
+    left = _wait_gone(identities, STOP_TIMEOUT_S)
+    for identity in left:
         if same_process(identity):  # checked again right before the signal
             try:
                 os.kill(identity["pid"], signal.SIGKILL)
@@ -90,3 +92,4 @@ def stop_everything(state: dict, state_dir: Path, node_secrets: auth.NodeSecrets
     _wait_gone(identities, 5)
     (state_dir / "cluster.json").unlink(missing_ok=True)
     (state_dir / auth.TOKEN_FILE).unlink(missing_ok=True)
+    return any(identity is state for identity in left)

@@ -8,6 +8,7 @@ import getpass
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -99,3 +100,42 @@ def test_down_after_the_coordinator_was_killed(sshd, family_checkpoints, tmp_pat
         down = pomona("down", cwd=directory, timeout_s=60)
         assert down.returncode == 0 and "stale record" in down.stdout, down.stdout + down.stderr
     assert all(is_running(pid) for pid in bystanders)
+
+
+# Stands in for the node's python: runs the real worker, but on a stdin of its own (the secrets
+# line copied into a pipe it holds open), so it ignores the end of its SSH channel. exec keeps
+# the pid the remote shell reported.
+DEAF_PYTHON = """#!/bin/sh
+exec {python} -c '
+import os, sys
+line = sys.stdin.buffer.readline()
+read, write = os.pipe()
+os.write(write, line)
+os.dup2(read, 0)
+os.set_inheritable(write, True)
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+' "$@"
+"""
+
+
+def test_down_kills_an_ssh_worker_that_outlived_its_coordinator(sshd, family_checkpoints, tmp_path):  # noqa: F811
+    ssh_port, client_key, _ = sshd
+    deaf = tmp_path / "deaf-python"
+    deaf.write_text(DEAF_PYTHON.format(python=sys.executable))
+    deaf.chmod(0o755)
+    ssh = {"user": getpass.getuser(), "port": ssh_port, "key_file": str(client_key), "known_hosts": None}
+    remote = {"launch": "ssh", "ssh": ssh, "python": str(deaf), "workdir": str(REPO_ROOT)}
+    directory = tmp_path / "c"
+    with running_cluster(directory, family_checkpoints["llama"], 2, LAYOUTS["llama"][2],
+                         node_overrides=[{}, remote]):
+        state = cluster_state(directory)
+        ssh_worker = state["remote_workers"]["b"]["remote_pid"]
+        assert state["remote_workers"]["b"]["remote_start"]
+        psutil.Process(state["pid"]).kill()
+        assert_all_gone([state["pid"], state["local_workers"]["a"]["pid"]], timeout_s=30)
+        time.sleep(2)
+        assert is_running(ssh_worker), "the stand-in should have ignored the end of its channel"
+        down = pomona("down", cwd=directory, timeout_s=60)
+        assert down.returncode == 0, down.stderr
+        assert "stopped the leftover worker of node 'b'" in down.stdout, down.stdout + down.stderr
+        assert_all_gone([ssh_worker], timeout_s=10)
