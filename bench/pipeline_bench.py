@@ -26,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster_helpers import running_cluster  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
+from pomona import auth  # noqa: E402
 from pomona.fetch import fetch_default_model  # noqa: E402
 from pomona.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from pomona.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -68,7 +68,7 @@ def single_process(model, prompt_ids: list[int], new_tokens: int) -> tuple[float
     return len(prompt_ids) / (first - started), (new_tokens - 1) / (done - first)
 
 
-def link_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> float:
+def link_round_trip_s(address: str, payload_bytes: int, node_secrets, count: int = 300) -> float:
     """Median round trip of one message on a persistent bidirectional gRPC stream, with the data
     plane's own client stack and threading: a sync channel with Pomona's options, messages handed
     to gRPC through a queue-fed iterator (as a link's sender does), replies read on a reader thread
@@ -77,7 +77,7 @@ def link_round_trip_s(address: str, payload_bytes: int, count: int = 300) -> flo
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     failure: list[BaseException] = []
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with auth.channel(address, CHANNEL_OPTIONS, node_secrets) as channel:
         replies = worker_pb2_grpc.WorkerStub(channel).Ping(iter(outbox.get, None))
 
         def read() -> None:
@@ -197,7 +197,8 @@ def bench_model(
     with contextlib.ExitStack() as stack:
         clusters = start_clusters(stack, work, name, path, LAYOUTS[name], trees)
         message_bytes = stage_message_bytes(model)
-        rtt = link_round_trip_s(clusters["pomona", 2].status().stages[0].address, message_bytes)
+        two = clusters["pomona", 2]
+        rtt = link_round_trip_s(two.status().stages[0].address, message_bytes, two.node_secrets())
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
         runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}

@@ -1,7 +1,9 @@
 """``python -m coordinator``: bring up the cluster of a cluster.yaml and serve it until stopped.
 
-``pomona up`` starts this in the background. It writes its state (pid, address, the workers it
-started) to ``<state-dir>/cluster.json`` so that ``pomona generate|status|down`` find it.
+``pomona up`` starts this in the background, with the cluster's token in ``<state-dir>/token``.
+It writes its state (pid, address, the local processes it started with their create times, the
+TLS files clients need) to ``<state-dir>/cluster.json`` so that ``pomona generate|status|down``
+find it; ``down`` signals a recorded pid only if its create time still matches.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import grpc
 
+from pomona import auth
+from pomona.cluster_record import process_identity
 from pomona.config import load_cluster_config
 from pomona.errors import PomonaError
-from pomona.grpc_options import SERVER_OPTIONS
+from pomona.grpc_options import COORDINATOR_MESSAGE_BYTES, server_options
 from pomona.proto import coordinator_pb2_grpc
 
 from .cluster import Cluster
@@ -30,18 +34,37 @@ log = logging.getLogger("coordinator")
 
 # After a failed start, stay up this long so `pomona up` can read why, then exit.
 FAILED_LINGER_S = 30.0
+# Client streams (Generate) the coordinator serves at once; more are refused, not queued.
+MAX_COORDINATOR_RPCS = 512
+STREAMS_PER_CLIENT = 128
+
+
+def _remote_identity(process) -> dict:
+    pid, started = getattr(process, "remote_identity", None) or (None, "")
+    return {"host": process.node.host, "remote_pid": pid, "remote_start": started}
 
 
 def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
+    tls = cluster.config.tls
     state = {
-        "pid": os.getpid(),
+        **process_identity(os.getpid()),
         "address": address,
         "config": str(cluster.config.path),
-        "worker_pids": {
-            name: node.info.pid
+        # Local children only, by the pid their launch gave us (never a pid a worker reports,
+        # nor an SSH worker's: that one is a pid on another host).
+        "local_workers": {
+            name: process_identity(node.process.local_pid)
             for name, node in cluster.nodes.items()
-            if node.info is not None and node.process is not None
+            if node.process is not None and node.process.local_pid is not None
         },
+        # For information, and for `down` to stop a leftover over SSH after checking its start
+        # time there; never signalled here.
+        "remote_workers": {
+            name: _remote_identity(node.process)
+            for name, node in cluster.nodes.items()
+            if node.process is not None and node.process.local_pid is None
+        },
+        "tls": {"ca": tls.ca, "cert": tls.cert, "key": tls.key} if tls else None,
     }
     tmp = state_dir / "cluster.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
@@ -51,21 +74,26 @@ def _write_state(state_dir: Path, cluster: Cluster, address: str) -> None:
 async def run(config_path: Path, state_dir: Path) -> int:
     config = load_cluster_config(config_path)
     state_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(config=config, log_dir=state_dir / "logs", state_dir=state_dir)
+    token_path = state_dir / auth.TOKEN_FILE
+    if not token_path.exists():  # started by hand, not by `pomona up`
+        auth.write_token(token_path, auth.cluster_token(config))
+    cluster = Cluster(config=config, log_dir=state_dir / "logs", state_dir=state_dir,
+                      token=auth.read_token(token_path))
     cluster.log_dir.mkdir(parents=True, exist_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=server_options(COORDINATOR_MESSAGE_BYTES, STREAMS_PER_CLIENT),
+        interceptors=[auth.AioTokenCheck(cluster.token)],
+        maximum_concurrent_rpcs=MAX_COORDINATOR_RPCS,
+    )
     service = CoordinatorService(cluster, stop)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     address = config.coordinator.address
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:  # grpcio raises where older versions returned 0
-        bound = 0
+    bound = auth.add_port(server, address, cluster.secrets)
     if bound == 0:
         print(f"pomona coordinator: cannot listen on {address} (is the port in use?)", file=sys.stderr)
         return 2

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import grpc
 
+from pomona import auth
 from pomona.config import ClusterConfig, NodeConfig
 from pomona.costmodel import Prediction, predict
 from pomona.errors import PomonaError
 from pomona.expert_load import add_counts, counts_from_stats, load_history
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import CHANNEL_OPTIONS, message_limit_bytes
 from pomona.modelinfo import ModelInfo, describe_model
 from pomona.placement import Placement, check_fit, plan_experts, plan_placement
 from pomona.planner import Plan, PlanOption, baselines, plan
@@ -30,6 +31,7 @@ from pomona.profiles import ClusterProfile, Workload
 from pomona.proto import worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
 
+from . import heartbeat
 from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
 from .profiling import NodeMeasurement, profile_cluster
@@ -72,6 +74,7 @@ class Cluster:
     config: ClusterConfig
     log_dir: Path
     state_dir: Path | None = None  # where the expert-load history lives (`pomona.expert_load`)
+    token: str = ""  # the cluster's secret; "" means auth.cluster_token(config)
     state: str = "starting"  # starting, profiling, loading, ready, degraded, failed, stopping
     error: str = ""
     message: str = ""
@@ -89,8 +92,10 @@ class Cluster:
     _lost: dict[str, str] = field(default_factory=dict)  # unreachable node -> why
     _lost_replicas: dict[str, str] = field(default_factory=dict)  # lost, but replicas cover it
     _retired: dict[str, str] = field(default_factory=dict)  # lost, and recovered from
-    _results: dict[str, asyncio.Task] = field(default_factory=dict)  # node -> its Results reader
     kv_tokens: int = 0  # context tokens each node keeps room for (set when placed)
+    # Per node: the task reading its Results stream, and the one sending it heartbeats.
+    _results: dict[str, asyncio.Task] = field(default_factory=dict)
+    _heartbeats: dict[str, asyncio.Task] = field(default_factory=dict)
 
     # The plan's parts, for status (empty until the cluster is placed).
     @property
@@ -108,6 +113,10 @@ class Cluster:
     @property
     def baselines(self) -> tuple[PlanOption, ...]:
         return self.plan.baselines if self.plan else ()
+
+    def __post_init__(self) -> None:
+        self.token = self.token or auth.cluster_token(self.config)
+        self.secrets = auth.cluster_secrets(self.config, self.token)  # the coordinator's own
 
     # -- bring-up ------------------------------------------------------------------------------
 
@@ -155,6 +164,15 @@ class Cluster:
         self.router.energy = self.energy
         self.energy.origin = await self.energy.snapshot()
         self.state, self.message = "ready", "ready"
+        for name in self.placement.nodes:  # a hung node keeps its sockets: ask it, often
+            self._watch_heartbeat(name)
+
+    def _watch_heartbeat(self, name: str) -> None:
+        if (old := self._heartbeats.get(name)) is not None:
+            old.cancel()
+        task = asyncio.create_task(heartbeat.watch(name, self.nodes[name].stub, self._node_lost))
+        self._heartbeats[name] = task
+        self._tasks.append(task)
 
     async def _measure(self) -> None:
         """Profile every node's compute and power and every link (see coordinator.profiling)."""
@@ -232,10 +250,15 @@ class Cluster:
 
     async def _bring_up(self, state: NodeState) -> None:
         node = state.config
-        state.process = await launch_worker(node, self.log_dir)
+        model = self.model
+        message_bytes = message_limit_bytes(
+            model.hidden_size, self.config.generation.prefill_chunk_tokens, model.experts_per_token
+        )
+        node_secrets = auth.cluster_secrets(self.config, self.token, node)
+        state.process = await launch_worker(node, self.log_dir, node_secrets, message_bytes)
         timeout_s = MANUAL_NODE_TIMEOUT_S if state.process is None else LAUNCHED_NODE_TIMEOUT_S
-        state.info = await wait_until_reachable(node, timeout_s, state.process)
-        state.channel = grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS)
+        state.info = await wait_until_reachable(node, timeout_s, self.secrets, state.process)
+        state.channel = auth.aio_channel(node.address, CHANNEL_OPTIONS, self.secrets)
         state.stub = worker_pb2_grpc.WorkerStub(state.channel)
         state.state = "up"
 
@@ -314,6 +337,8 @@ class Cluster:
         naming the node) until it answers again with its shard loaded."""
         if self.state not in ("ready", "degraded") or name in self._lost:
             return
+        if name in self._retired or name in self._lost_replicas:
+            return  # already recovered from, or its replicas serve
         node = self.nodes[name]
         if self._replicas_cover(name):
             # Its experts all have live replicas: the stages' dispatch goes to those at once.
@@ -336,6 +361,11 @@ class Cluster:
         )
         log.error(self.error)
         self.router.fail_all(self.error)
+        # A hung node's streams may still be open: close its subscription, so that a node that
+        # comes back is subscribed once, not twice.
+        results = self._results.pop(name, None)
+        if results is not None and results is not asyncio.current_task():
+            results.cancel()
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
 
     def reopen_first_stage(self) -> None:
@@ -345,12 +375,20 @@ class Cluster:
         first = self.nodes[self.placement.stages[0].node]
         self._first_stage_call = first.stub.Forward(wait_for_ready=True)
 
+    def watch_heartbeats(self) -> None:
+        """Heartbeats for every serving node not yet watched (after a recovery added some)."""
+        for name in self.placement.nodes:
+            task = self._heartbeats.get(name)
+            if task is None or task.done():
+                self._watch_heartbeat(name)
+
     def retire(self, name: str) -> None:
         """`name` was lost and the cluster recovered without it: it no longer counts as lost."""
         self._retired[name] = self._lost.pop(name, "")
-        task = self._results.pop(name, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        for tasks in (self._results, self._heartbeats):
+            task = tasks.pop(name, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     def _replicas_cover(self, name: str) -> bool:
         """Whether `name` runs no stage and every expert it holds has a holder still answering."""
@@ -378,9 +416,12 @@ class Cluster:
                 continue  # restarted: its shard is gone, a reload is needed (see the error)
             await self._subscribe([name])
             if name == self.placement.stages[0].node:
+                if self._first_stage_call is not None:
+                    self._first_stage_call.cancel()  # a hung stage 0 may still hold the old one
                 self._first_stage_call = node.stub.Forward(wait_for_ready=True)
             del self._lost[name]
             node.state = "ready"
+            self._watch_heartbeat(name)
             if not self._lost:
                 self.state, self.error = "ready", ""
                 log.info("node %r answers again: the cluster is ready", name)

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import asyncssh
 import grpc
 
+from pomona import auth
 from pomona.errors import PomonaError
-from pomona.grpc_options import CHANNEL_OPTIONS
+from pomona.grpc_options import CHANNEL_OPTIONS, DEFAULT_WORKER_MESSAGE_BYTES
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:  # only for hints: any object with NodeConfig's attributes works
@@ -56,6 +57,10 @@ class WorkerProcess:
     def __init__(self, node: NodeConfig, log_path: Path) -> None:
         self.node = node
         self.log_path = log_path
+
+    # The pid of a worker on this machine (a child of ours), for `pomona down`; None over SSH,
+    # whose pids are the remote host's and must never be signalled here.
+    local_pid: int | None = None
 
     def exit_code(self) -> int | None:
         """The worker's exit status (negative: killed by that signal); None while it runs."""
@@ -97,6 +102,7 @@ class _LocalWorker(WorkerProcess):
     def __init__(self, node: NodeConfig, log_path: Path, process: asyncio.subprocess.Process) -> None:
         super().__init__(node, log_path)
         self._process = process
+        self.local_pid = process.pid
 
     def exit_code(self) -> int | None:
         return self._process.returncode
@@ -132,14 +138,17 @@ class _SshWorker(WorkerProcess):
         self._process = process
         # Done once the remote output has ended and the channel closed: the log is then complete,
         # so an exit reported by exit_code() always comes with the worker's last words.
-        self._remote_pid: int | None = None  # from the command's first line; for _kill_remote
+        # From the command's first line, for _kill_remote: the remote pid and its start time
+        # (`ps -o lstart=`), which exec keeps, so a reused pid is never killed.
+        self._remote_pid: int | None = None
+        self._remote_start = b""
         self._watch = asyncio.create_task(self._copy_output(log_file))
 
     async def _copy_output(self, log_file: BinaryIO) -> None:
         try:
             first_line = await self._process.stdout.readline()
-            if match := re.fullmatch(rb"pomona: worker pid (\d+)\n", first_line):
-                self._remote_pid = int(match[1])
+            if match := re.fullmatch(rb"pomona: worker pid (\d+) started (.*)\n", first_line):
+                self._remote_pid, self._remote_start = int(match[1]), match[2]
             chunk = first_line
             while chunk:
                 log_file.write(chunk)
@@ -150,6 +159,13 @@ class _SshWorker(WorkerProcess):
             log.warning("node %r: lost the SSH session: %s", self.node.name, error)
         finally:
             log_file.close()
+
+    @property
+    def remote_identity(self) -> tuple[int, str] | None:
+        """(pid, start time) of the worker on its host, once its first line came."""
+        if self._remote_pid is None:
+            return None
+        return self._remote_pid, self._remote_start.decode(errors="replace")
 
     def exit_code(self) -> int | None:
         if not self._watch.done():
@@ -171,9 +187,9 @@ class _SshWorker(WorkerProcess):
 
     async def _kill_remote(self) -> None:
         # Not an SSH signal request: OpenSSH refuses those for root logins and before 7.9.
-        if self._remote_pid is not None:
+        if self.remote_identity is not None:
             with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-                command = f"kill -KILL {self._remote_pid}"
+                command = _identity_checked_kill(*self.remote_identity)
                 await asyncio.wait_for(self._connection.run(command), KILL_WAIT_S)
 
     def _abandon(self) -> None:
@@ -183,31 +199,61 @@ class _SshWorker(WorkerProcess):
         self._connection.close()
 
 
-async def launch_worker(node: NodeConfig, log_dir: Path) -> WorkerProcess | None:
+def _identity_checked_kill(pid: int, started: str) -> str:
+    """A shell command that SIGKILLs `pid` only if it is still the process started at `started`."""
+    return f'[ "$(ps -o lstart= -p {pid})" = {shlex.quote(started)} ] && kill -KILL {pid}'
+
+
+async def kill_remote_worker(node: NodeConfig, pid: int, started: str) -> bool:
+    """For `pomona down` when the coordinator is gone: over a new SSH session, SIGKILL a worker
+    left on `node`'s host (it ignored its channel's end) if `pid` is still the process that
+    started at `started`. True if it was killed."""
+    connection, target = await _ssh_connect(node)
+    try:
+        result = await asyncio.wait_for(connection.run(_identity_checked_kill(pid, started)), KILL_WAIT_S)
+        return result.exit_status == 0
+    except (OSError, asyncssh.Error) as error:  # TimeoutError is an OSError
+        raise NodeUnreachable(f"node {node.name!r}: the kill over SSH on {target} failed: {error}") from None
+    finally:
+        connection.close()
+
+
+async def launch_worker(
+    node: NodeConfig,
+    log_dir: Path,
+    node_secrets: auth.NodeSecrets,
+    max_message_bytes: int = DEFAULT_WORKER_MESSAGE_BYTES,
+) -> WorkerProcess | None:
     """Start `node`'s worker as its `launch` mode says; None for "manual" (nothing to start).
 
-    Returns once the process is started, not once it answers: see `wait_until_reachable`.
+    The worker gets `node_secrets` as the first line of its stdin (the pipe, or the SSH channel):
+    never on its command line, where `ps` would show them. Returns once the process is started,
+    not once it answers: see `wait_until_reachable`.
     """
     if node.launch == "manual":
         return None
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (re.sub(r"[^\w.-]", "_", node.name) + ".log")
+    command = _worker_command(node, max_message_bytes)
     if node.launch == "local":
-        return await _launch_local(node, log_path)
+        return await _launch_local(node, log_path, command, node_secrets.to_line())
     if node.launch == "ssh":
-        return await _launch_ssh(node, log_path)
+        return await _launch_ssh(node, log_path, command, node_secrets.to_line())
     raise PomonaError(f"node {node.name!r}: unknown launch mode {node.launch!r}; use local, ssh or manual")
 
 
-def _worker_command(node: NodeConfig, python: str) -> list[str]:
-    args = ["--host", node.host, "--port", str(node.port), "--exit-on-stdin-eof"]
-    return [python, "-m", "worker", *args]
+def _worker_command(node: NodeConfig, max_message_bytes: int) -> list[str]:
+    """The worker's arguments after the interpreter (which depends on where it runs)."""
+    return ["-m", "worker", "--host", node.host, "--port", str(node.port), "--exit-on-stdin-eof",
+            "--secrets-stdin", "--max-message-bytes", str(max_message_bytes)]
 
 
-async def _launch_local(node: NodeConfig, log_path: Path) -> WorkerProcess:
+async def _launch_local(
+    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
+) -> WorkerProcess:
     _check_port_free(node)
-    command = _worker_command(node, node.python or sys.executable)
+    command = [node.python or sys.executable, *args]
     log.info("node %r: starting %s (log: %s)", node.name, shlex.join(command), log_path)
     with open(log_path, "wb") as log_file:  # the child keeps its own descriptor of it
         try:
@@ -224,7 +270,9 @@ async def _launch_local(node: NodeConfig, log_path: Path) -> WorkerProcess:
                 f"node {node.name!r}: cannot start its worker ({error}); check the node's "
                 "`python` (an interpreter with Pomona installed) and `workdir`"
             ) from None
-    return _LocalWorker(node, log_path, process)
+    worker = _LocalWorker(node, log_path, process)
+    process.stdin.write(secrets_line)  # a pipe buffer holds it: no wait for the worker
+    return worker
 
 
 def _check_port_free(node: NodeConfig) -> None:
@@ -267,21 +315,21 @@ def _shell_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def _remote_command(node: NodeConfig) -> str:
-    """`echo pid; cd WORKDIR && exec env K=V ... PYTHON -m worker ...`.
+def _remote_command(node: NodeConfig, args: list[str]) -> str:
+    """`echo pid and start time; cd WORKDIR && exec env K=V ... PYTHON -m worker ...`.
 
-    exec keeps the shell's pid `$$` for the worker, so the echoed pid is the worker's: stop() can
-    kill it if it ignores EOF.
+    exec keeps the shell's pid `$$` and start time for the worker, so the echoed pid is the
+    worker's: stop() can kill it if it ignores EOF, after checking the start time still matches.
     """
-    python, *args = _worker_command(node, node.python or "python3")
-    worker = " ".join([_shell_path(python), *map(shlex.quote, args)])
+    worker = " ".join([_shell_path(node.python or "python3"), *map(shlex.quote, args)])
     env = " ".join(shlex.quote(f"{key}={value}") for key, value in node.env.items())
     command = f"exec env {env} {worker}" if env else f"exec {worker}"
     command = f"cd {_shell_path(node.workdir)} && {command}" if node.workdir else command
-    return f'echo "pomona: worker pid $$"; {command}'
+    return f'echo "pomona: worker pid $$ started $(ps -o lstart= -p $$)"; {command}'
 
 
-async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
+async def _ssh_connect(node: NodeConfig) -> tuple[asyncssh.SSHClientConnection, str]:
+    """An SSH connection to `node` and how to name it (user@host:port); NodeUnreachable if not."""
     ssh = node.ssh
     if ssh is None:
         raise PomonaError(f"node {node.name!r}: launch is ssh but it has no ssh settings")
@@ -298,8 +346,14 @@ async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
         )
     except (OSError, asyncssh.Error, ValueError, TimeoutError) as error:
         raise NodeUnreachable(_ssh_failure(node, target, error)) from None
+    return connection, target
 
-    command = _remote_command(node)
+
+async def _launch_ssh(
+    node: NodeConfig, log_path: Path, args: list[str], secrets_line: bytes
+) -> WorkerProcess:
+    connection, target = await _ssh_connect(node)
+    command = _remote_command(node, args)
     log.info("node %r: running over SSH on %s: %s (log: %s)", node.name, target, command, log_path)
     try:
         process = await asyncio.wait_for(
@@ -312,6 +366,7 @@ async def _launch_ssh(node: NodeConfig, log_path: Path) -> WorkerProcess:
             f"node {node.name!r}: connected to {target} but could not run the worker there "
             f"({type(error).__name__}: {error}); check that sshd allows running commands"
         ) from None
+    process.stdin.write(secrets_line)  # inside the encrypted channel, never on a command line
     return _SshWorker(node, log_path, connection, process, open(log_path, "wb"))
 
 
@@ -338,7 +393,10 @@ def _ssh_failure(node: NodeConfig, target: str, error: BaseException) -> str:
 
 
 async def wait_until_reachable(
-    node: NodeConfig, timeout_s: float, process: WorkerProcess | None = None
+    node: NodeConfig,
+    timeout_s: float,
+    node_secrets: auth.NodeSecrets,
+    process: WorkerProcess | None = None,
 ) -> worker_pb2.NodeInfo:
     """Poll the node's `Describe` until it answers; raise NodeUnreachable after `timeout_s`.
 
@@ -359,11 +417,17 @@ async def wait_until_reachable(
         try:
             # A fresh channel per try: one channel's reconnect backoff grows after refused
             # connections, so a worker that came up late would be noticed late.
-            async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
+            async with auth.aio_channel(node.address, CHANNEL_OPTIONS, node_secrets) as channel:
                 return await worker_pb2_grpc.WorkerStub(channel).Describe(
                     worker_pb2.DescribeRequest(), timeout=min(DESCRIBE_TRY_TIMEOUT_S, remaining_s)
                 )
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:  # it answers, but not to us
+                raise NodeUnreachable(
+                    f"node {node.name!r} at {node.address} refused the cluster's token: it runs a "
+                    "worker of another cluster, or one started by hand with another --token-file "
+                    "(give it this cluster's auth.token_file)"
+                ) from None
             last_error = error.details() or error.code().name
         await asyncio.sleep(max(0.0, min(RETRY_INTERVAL_S, deadline - loop.time())))
 
@@ -376,8 +440,9 @@ def _timeout_message(
     if process is None:
         return (
             f"{head} (last error: {last_error}): check that its worker is running (launch: manual "
-            f"means Pomona does not start it: run `python -m worker --host {node.host} --port "
-            f"{node.port}` on that machine), that host and port are right, and {firewall}"
+            f"means Pomona does not start it: run `pomona worker --host {node.host} --port "
+            f"{node.port} --token-file FILE` on that machine, FILE holding the cluster's "
+            f"auth.token_file), that host and port are right, and {firewall}"
         )
     return (
         f"{head} although its worker is running (last error: {last_error}): it may still be "

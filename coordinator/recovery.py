@@ -73,13 +73,16 @@ async def recover(cluster: Cluster, lost: str) -> None:
         cluster.plan, cluster.placement = new_plan, new_plan.chosen.placement
         cluster.message = f"node {lost!r} was lost; loading the new placement"
         serving = set(cluster.placement.nodes)
-        for name in previous - serving - {lost}:
-            if name in alive:
-                await cluster.nodes[name].stub.Release(worker_pb2.ReleaseRequest(), timeout=10)
+        # Every node that held a shard frees it (a worker loads only when it holds none).
+        await asyncio.gather(*(
+            cluster.nodes[name].stub.Release(worker_pb2.ReleaseRequest(), timeout=30)
+            for name in previous - {lost} if name in alive
+        ))
         await asyncio.gather(*(cluster._load(name) for name in cluster.placement.nodes))
         await cluster._subscribe([name for name in serving if name not in cluster._results])
         cluster.reopen_first_stage()
         cluster.retire(lost)
+        cluster.watch_heartbeats()
         cluster.state, cluster.error = "ready", ""
         cluster.message = f"recovered from the loss of node {lost!r}"
         log.warning("%s: now %s", cluster.message, " ".join(

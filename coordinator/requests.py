@@ -8,6 +8,7 @@ critical path, and are routed here by request id.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +41,15 @@ class RequestLimits:
     prefill_chunk_tokens: int
 
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def validate_sampling(sampling: worker_pb2.SamplingParams) -> None:
+    for name in ("temperature", "top_p", "min_p"):
+        if not math.isfinite(getattr(sampling, name)):
+            raise RequestError(f"{name} must be a finite number, got {getattr(sampling, name)}")
     if sampling.temperature < 0:
         raise RequestError(f"temperature must be >= 0, got {sampling.temperature}")
     if not 0 <= sampling.top_p <= 1:
@@ -145,6 +154,12 @@ class RequestRouter:
         self, request: coordinator_pb2.GenerateRequest
     ) -> AsyncIterator[coordinator_pb2.GenerateChunk]:
         validate_sampling(request.sampling)
+        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+            raise RequestError(
+                f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each"
+            )
+        if bad := [m.role for m in request.messages if m.role not in CHAT_ROLES]:
+            raise RequestError(f"unknown chat role {bad[0]!r}; use one of {', '.join(CHAT_ROLES)}")
         if request.max_tokens < 0:
             raise RequestError(f"max_tokens must be >= 0, got {request.max_tokens}")
         started = time.perf_counter()

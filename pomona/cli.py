@@ -1,7 +1,9 @@
-"""The ``pomona`` command line: up, plan, generate, status, down, fetch, upcycle, worker.
+"""The ``pomona`` command line: up, plan, generate, status, down, certs, fetch, upcycle, worker.
 
 ``up`` starts the coordinator in the background (it launches the workers) and records it in
-``.pomona/cluster.json`` in the current directory; the other commands find the cluster there.
+``.pomona/cluster.json`` in the current directory, with the cluster's token in ``.pomona/token``
+(mode 0600); the other commands find the cluster and the token there. ``down`` signals only
+processes of this machine whose create time matches the record (a pid may have been reused).
 Every failure prints one clear line and exits non-zero; no traceback.
 """
 
@@ -10,15 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
-import psutil
 
+from pomona import auth
+from pomona.cluster_record import (
+    process_identity,
+    recorded_state,
+    running_state,
+    same_process,
+    stop_everything,
+)
 from pomona.config import OBJECTIVES, load_cluster_config
 from pomona.display import (
     expert_stats_lines,
@@ -34,7 +42,6 @@ from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 STATE_DIR = Path(".pomona")
 UP_TIMEOUT_S = 1800.0
-STOP_TIMEOUT_S = 20.0
 
 
 class CliError(PomonaError):
@@ -44,61 +51,22 @@ class CliError(PomonaError):
 # -- the running cluster's record --------------------------------------------------------------
 
 
-def _read_state(state_dir: Path) -> dict | None:
-    path = state_dir / "cluster.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return state if psutil.pid_exists(state.get("pid", -1)) else None
+def _stub(address: str, node_secrets: auth.NodeSecrets) -> coordinator_pb2_grpc.CoordinatorStub:
+    return coordinator_pb2_grpc.CoordinatorStub(auth.channel(address, CHANNEL_OPTIONS, node_secrets))
 
 
-def _stub(address: str) -> coordinator_pb2_grpc.CoordinatorStub:
-    return coordinator_pb2_grpc.CoordinatorStub(
-        grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    )
+def _cluster_stub(state: dict, state_dir: Path) -> coordinator_pb2_grpc.CoordinatorStub:
+    return _stub(state["address"], auth.state_secrets(state_dir, state.get("tls")))
 
 
 def _running_cluster(state_dir: Path) -> dict:
-    state = _read_state(state_dir)
+    state = running_state(state_dir)
     if state is None:
         raise CliError(
             f"no cluster is running here (no live coordinator in {state_dir}/): "
             "start one with `pomona up`"
         )
     return state
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    alive = [p for p in pids if psutil.pid_exists(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _alive(p)]
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _stop_everything(state: dict, state_dir: Path) -> None:
-    """Ask the coordinator to stop; then make sure it and its workers are gone."""
-    try:
-        _stub(state["address"]).StopCluster(coordinator_pb2.StopClusterRequest(), timeout=5)
-    except grpc.RpcError:
-        pass
-    pids = [state["pid"], *state.get("worker_pids", {}).values()]
-    for pid in _wait_gone(pids, STOP_TIMEOUT_S):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _wait_gone(pids, 5)
-    (state_dir / "cluster.json").unlink(missing_ok=True)
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -111,7 +79,7 @@ def _print_placement(status: coordinator_pb2.ClusterStatus) -> None:
 def cmd_up(args) -> int:
     config = load_cluster_config(args.file)
     state_dir = args.state_dir
-    existing = _read_state(state_dir)
+    existing = running_state(state_dir)
     if existing is not None:
         raise CliError(
             f"a cluster is already running here (coordinator pid {existing['pid']}): "
@@ -129,7 +97,11 @@ def cmd_up(args) -> int:
         validate_stages(config.stages, model.num_layers)
     validate_experts(config.experts, model, node_names=[node.name for node in config.nodes])
     _check_machines(config)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    token = auth.cluster_token(config)
+    auth.write_token(state_dir / auth.TOKEN_FILE, token)  # the coordinator reads it there
+    node_secrets = auth.cluster_secrets(config, token)
     log_path = state_dir / "logs" / "coordinator.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -138,7 +110,7 @@ def cmd_up(args) -> int:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stub = _stub(config.coordinator.address)
+    stub = _stub(config.coordinator.address, node_secrets)
     deadline = time.monotonic() + UP_TIMEOUT_S
     last_line = ""
     status = None
@@ -165,7 +137,11 @@ def cmd_up(args) -> int:
         time.sleep(0.3)
     if status is None or status.state != "ready":
         reason = status.error if status is not None and status.error else "timed out"
-        _stop_everything({"pid": process.pid, "address": config.coordinator.address}, state_dir)
+        coordinator = process_identity(process.pid)
+        state = recorded_state(state_dir) or {}
+        if not same_process(state):
+            state = coordinator  # it died before recording itself: only our child to stop
+        stop_everything({**state, "address": config.coordinator.address}, state_dir, node_secrets)
         process.wait(timeout=5)
         raise CliError(f"the cluster did not come up: {reason}")
     print(f"cluster ready; coordinator at {config.coordinator.address}")
@@ -205,7 +181,7 @@ def cmd_plan(args) -> int:
         _check_machines(config)
         if args.objective:
             config = replace(config, scheduler=replace(config.scheduler, objective=args.objective))
-        if _read_state(args.state_dir) is not None:
+        if running_state(args.state_dir) is not None:
             raise CliError("a cluster is running here; `pomona plan` starts its own nodes: run "
                            "`pomona down` first (or plan from another directory)")
         (args.state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -249,7 +225,7 @@ def cmd_generate(args) -> int:
         stop=args.stop or [], ignore_eos=args.ignore_eos,
     )
     summary = None
-    for chunk in _stub(state["address"]).Generate(request):
+    for chunk in _cluster_stub(state, args.state_dir).Generate(request):
         if chunk.HasField("summary"):
             summary = chunk.summary
         elif not args.json:
@@ -275,12 +251,12 @@ def cmd_generate(args) -> int:
 def cmd_status(args) -> int:
     state = _running_cluster(args.state_dir)
     if args.experts:
-        stats = _stub(state["address"]).GetExpertStats(
+        stats = _cluster_stub(state, args.state_dir).GetExpertStats(
             coordinator_pb2.ExpertStatsQuery(), timeout=20
         )
         print("\n".join(expert_stats_lines(stats)))
         return 0
-    status = _stub(state["address"]).GetStatus(
+    status = _cluster_stub(state, args.state_dir).GetStatus(
         coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10
     )
     if args.json:
@@ -294,13 +270,88 @@ def cmd_status(args) -> int:
 
 
 def cmd_down(args) -> int:
-    state = _read_state(args.state_dir)
+    state_dir = args.state_dir
+    state = running_state(state_dir)
     if state is None:
-        print("no cluster is running here")
-        (args.state_dir / "cluster.json").unlink(missing_ok=True)
+        recorded = recorded_state(state_dir)
+        if recorded is not None:
+            # The coordinator is gone (a reused pid is another process: left alone). Its local
+            # workers exit with it; any that did not and are still the same processes go now.
+            stop_everything(recorded, state_dir, None)
+            _stop_ssh_leftovers(recorded)
+            print("no cluster is running here (removed the stale record in "
+                  f"{state_dir / 'cluster.json'})")
+        else:
+            print("no cluster is running here")
         return 0
-    _stop_everything(state, args.state_dir)
+    try:
+        node_secrets = auth.state_secrets(state_dir, state.get("tls"))
+    except auth.AuthError as error:
+        print(f"pomona: {error}; stopping the processes recorded instead", file=sys.stderr)
+        node_secrets = None
+    if stop_everything(state, state_dir, node_secrets):
+        _stop_ssh_leftovers(state)  # the coordinator had to be killed: it stopped no one
     print("cluster stopped")
+    return 0
+
+
+def _stop_ssh_leftovers(state: dict) -> None:
+    """SSH workers that outlived a dead coordinator (they ignored the end of their channel):
+    over a new SSH session, killed only if the recorded pid still has the recorded start time."""
+    remote = {name: worker for name, worker in state.get("remote_workers", {}).items()
+              if worker.get("remote_pid") and worker.get("remote_start")}
+    if not remote:
+        return
+    import asyncio
+
+    from coordinator.launch import kill_remote_worker  # asyncssh: only when needed
+
+    try:
+        config = load_cluster_config(state["config"])
+    except PomonaError as error:
+        print(f"pomona: cannot check the SSH workers for leftovers: {error}", file=sys.stderr)
+        return
+    for name, worker in remote.items():
+        pid, host = worker["remote_pid"], worker["host"]
+        try:
+            killed = asyncio.run(kill_remote_worker(config.node(name), pid, worker["remote_start"]))
+        except (PomonaError, KeyError, OSError) as error:
+            print(f"pomona: node {name!r}: cannot check for a leftover worker: {error}", file=sys.stderr)
+            continue
+        if killed:
+            print(f"stopped the leftover worker of node {name!r} (pid {pid} on {host})")
+
+
+def cmd_certs(args) -> int:
+    """A CA and a certificate per node (and the coordinator) for cluster.yaml's `tls:`."""
+    from pomona.certs import issue, make_ca
+    from pomona.config import is_loopback
+
+    config = load_cluster_config(args.file)
+    out = Path(args.out) if args.out else config.path.parent / "pomona-certs"
+    names = ["coordinator", *(node.name for node in config.nodes)]
+    files = [out / "ca.pem", out / "ca-key.pem"]
+    files += [out / f"{name}{suffix}" for name in names for suffix in (".pem", "-key.pem")]
+    existing = [str(f) for f in files if f.exists()]
+    if existing and not args.force:
+        raise CliError(f"{existing[0]} exists; pass --force to replace the certificates in {out}")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca, ca_key, ca_cert = make_ca()
+    issued = {"ca": ca}
+    for name, host in [("coordinator", config.coordinator.host),
+                       *((node.name, node.host) for node in config.nodes)]:
+        hosts = [host, "127.0.0.1", "localhost"] if is_loopback(host) else [host]
+        issued[name] = issue(name, hosts, ca_key, ca_cert)
+    for name, pair in issued.items():
+        (out / f"{name}.pem").write_bytes(pair.cert_pem)
+        auth.write_private(out / f"{name}-key.pem", pair.key_pem)
+    shown = os.path.relpath(out, config.path.parent)
+    print(f"wrote a CA and {len(names)} certificates to {out}; add to {config.path.name}:")
+    print(f"tls: {{ca: {shown}/ca.pem, cert: {shown}/coordinator.pem, key: {shown}/coordinator-key.pem}}")
+    for node in config.nodes:
+        print(f"  # nodes[{node.name}]:  tls: {{cert: {shown}/{node.name}.pem, "
+              f"key: {shown}/{node.name}-key.pem}}")
+    print(f"keep {shown}/ca-key.pem private (it signs new certificates), or delete it")
     return 0
 
 
@@ -329,8 +380,11 @@ def cmd_upcycle(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    os.execv(sys.executable, [sys.executable, "-m", "worker", "--host", args.host,
-                              "--port", str(args.port)])
+    command = [sys.executable, "-m", "worker", "--host", args.host, "--port", str(args.port)]
+    for flag in ("token_file", "tls_ca", "tls_cert", "tls_key"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    os.execv(sys.executable, command)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -378,6 +432,11 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
     down = commands.add_parser("down", help="stop everything `up` started")
     down.set_defaults(run=cmd_down)
+    certs = commands.add_parser("certs", help="make a CA and node certificates for mutual TLS")
+    certs.add_argument("file", nargs="?", default="cluster.yaml")
+    certs.add_argument("--out", help="directory for the files (default: pomona-certs/ beside FILE)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(run=cmd_certs)
     fetch = commands.add_parser("fetch", help="download the default model into the cache")
     fetch.set_defaults(run=cmd_fetch)
     upcycle = commands.add_parser(
@@ -393,6 +452,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a worker for a `launch: manual` node")
     worker.add_argument("--host", default="0.0.0.0")
     worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--token-file", type=Path, required=True,
+                        help="the cluster's token (cluster.yaml's auth.token_file)")
+    worker.add_argument("--tls-ca", type=Path, help="with TLS: the cluster's CA certificate")
+    worker.add_argument("--tls-cert", type=Path, help="with TLS: this node's certificate")
+    worker.add_argument("--tls-key", type=Path, help="with TLS: this node's private key")
     worker.set_defaults(run=cmd_worker)
     return parser
 

@@ -68,10 +68,26 @@ class NodeConfig:
     power: PowerSpec | None = None  # idle and busy watts for the estimate (no meter)
     machine: str | None = None  # a catalogue name (pomona.catalogue): power and links estimate
     spare: bool = False  # started and measured, but serves only when a serving node is lost
+    tls: TlsFiles | None = None  # this node's own certificate and key (the CA is the cluster's)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files on the coordinator's machine (absolute paths); `ca` is None for a node's own
+    `tls: {cert, key}`, which uses the cluster's CA."""
+
+    ca: str | None
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    token_file: str | None = None  # None: `pomona up` generates a token
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,8 @@ class ClusterConfig:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     recovery: bool = True  # re-plan and replay in-flight requests when a serving node is lost
     api: ApiSettings = field(default_factory=ApiSettings)  # the HTTP API (pomona.api_config)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsFiles | None = None  # mutual TLS between all nodes; cert/key: the coordinator's
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -154,7 +172,9 @@ def is_loopback(host: str) -> bool:
 
 # --- the schema -------------------------------------------------------------------------------
 
-_TOP_KEYS = ("model", "coordinator", "nodes", "placement", "generation", "api", "recovery")
+_TOP_KEYS = (
+    "model", "coordinator", "nodes", "placement", "generation", "api", "recovery", "auth", "tls",
+)
 _NODE_KEYS = (
     "name",
     "host",
@@ -168,6 +188,7 @@ _NODE_KEYS = (
     "power",
     "machine",
     "spare",
+    "tls",
 )
 _SSH_KEYS = ("user", "port", "key_file", "known_hosts")
 
@@ -218,7 +239,7 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     if not nodes_value:
         reader.bad(root, "nodes", "", "the list is empty; add at least one node")
     nodes = tuple(
-        _parse_node(reader, item, f"nodes[{index}]", nodes_value.item_lines[index])
+        _parse_node(reader, item, f"nodes[{index}]", nodes_value.item_lines[index], file.parent)
         for index, item in enumerate(nodes_value)
     )
     _check_unique(reader, nodes, nodes_value, coordinator)
@@ -247,12 +268,42 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     taken = {_address_key(coordinator.host, coordinator.port): "the coordinator"}
     taken.update({_address_key(n.host, n.port): f"node {n.name!r}" for n in nodes})
     check_api_port(reader, root, api, taken)
+    auth = AuthSettings()
+    if root.get("auth") is not None:
+        block = reader.block(root, "auth", "")
+        reader.keys(block, "auth", ("token_file",), required=("token_file",))
+        auth = AuthSettings(_file(reader, block, "token_file", "auth", file.parent))
+    tls = _parse_tls(reader, root, "", ("ca", "cert", "key"), file.parent)
+    for index, node in enumerate(nodes):
+        if node.tls is not None and tls is None:
+            reader.fail(f"nodes[{index}].tls", nodes_value[index].line,
+                        "a node's own certificate needs the top-level `tls: {ca, cert, key}`")
     return ClusterConfig(
-        file, model, coordinator, nodes, stages, generation, experts, scheduler, recovery, api
+        file, model, coordinator, nodes, stages, generation, experts, scheduler,
+        recovery=recovery, api=api, auth=auth, tls=tls,
     )
 
 
-def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
+def _file(reader: Reader, block: LineMap, key: str, path: str, base: Path) -> str:
+    """An existing file, relative to the yaml's directory."""
+    value = reader.string(block, key, path)
+    resolved = (base / Path(str(value)).expanduser()).resolve()
+    if not resolved.is_file():
+        reader.bad(block, key, path, f"no such file {str(resolved)!r}; `pomona certs` makes TLS files")
+    return str(resolved)
+
+
+def _parse_tls(reader: Reader, parent: LineMap, path: str, keys: tuple, base: Path) -> TlsFiles | None:
+    if parent.get("tls") is None:
+        return None
+    block = reader.block(parent, "tls", path)
+    tls_path = f"{path}.tls" if path else "tls"
+    reader.keys(block, tls_path, keys, required=keys)
+    files = {key: _file(reader, block, key, tls_path, base) for key in keys}
+    return TlsFiles(files.get("ca"), files["cert"], files["key"])
+
+
+def _parse_node(reader: Reader, value: Any, path: str, line: int, base: Path) -> NodeConfig:
     block = reader.mapping(value, path, line)
     reader.keys(block, path, _NODE_KEYS, required=("name", "host", "port"))
     name = reader.string(block, "name", path)
@@ -301,8 +352,10 @@ def _parse_node(reader: Reader, value: Any, path: str, line: int) -> NodeConfig:
     spare = block.get("spare", False)
     if not isinstance(spare, bool):
         reader.bad(block, "spare", path, f"must be true or false, not {kind(spare)}")
+    tls = _parse_tls(reader, block, path, ("cert", "key"), base)
     return NodeConfig(
-        name, host, port, memory_gb, launch, ssh, python, workdir, env, power, machine, spare
+        name, host, port, memory_gb, launch, ssh, python, workdir, env, power, machine,
+        spare=spare, tls=tls,
     )
 
 

@@ -19,6 +19,8 @@ import grpc
 import psutil
 import yaml
 
+from pomona import auth
+from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2
 
 POMONA = [sys.executable, "-m", "pomona.cli"]
@@ -34,6 +36,27 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def write_token_file(directory: Path, token: str = "test-cluster-token") -> Path:
+    """A token file for `auth.token_file` and for workers started by hand (`--token-file`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cluster-token"
+    auth.write_token(path, token)
+    return path
+
+
+def manual_worker_command(port: int, token_file: Path) -> list[str]:
+    """`python -m worker` as a person runs it for a `launch: manual` node."""
+    return [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port),
+            "--token-file", str(token_file)]
+
+
+def wait_for_worker(port: int, token_file: Path, timeout_s: float = 120) -> None:
+    """Until a worker started by hand answers (a manual node gets only seconds at `up`)."""
+    node_secrets = auth.NodeSecrets(auth.read_token(token_file))
+    with auth.channel(f"127.0.0.1:{port}", CHANNEL_OPTIONS, node_secrets) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
 
 
 def pomona(*args: str, cwd: Path, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -105,6 +128,10 @@ class ClusterClient:
         chunks = list(self.stub.Generate(request, timeout=600))
         return chunks[-1].summary
 
+    def node_secrets(self) -> auth.NodeSecrets:
+        """What a client of this cluster shows: its token (and TLS files)."""
+        return auth.state_secrets(self.directory / ".pomona", cluster_state(self.directory).get("tls"))
+
     def expert_stats(self) -> coordinator_pb2.ClusterExpertStats:
         return self.stub.GetExpertStats(coordinator_pb2.ExpertStatsQuery(), timeout=20)
 
@@ -114,12 +141,28 @@ class ClusterClient:
         )
 
 
-def cluster_pids(directory: Path) -> list[int]:
+def cluster_state(directory: Path) -> dict:
     try:
-        state = json.loads((directory / ".pomona" / "cluster.json").read_text())
+        return json.loads((directory / ".pomona" / "cluster.json").read_text())
     except (OSError, ValueError):
+        return {}
+
+
+def cluster_pids(directory: Path) -> list[int]:
+    """The coordinator's and its workers' pids (SSH workers' too: in tests their host is this one)."""
+    state = cluster_state(directory)
+    if not state:
         return []
-    return [state["pid"], *state.get("worker_pids", {}).values()]
+    remote = [w["remote_pid"] for w in state.get("remote_workers", {}).values() if w["remote_pid"]]
+    return [state["pid"], *(w["pid"] for w in state.get("local_workers", {}).values()), *remote]
+
+
+def coordinator_channel(directory: Path) -> grpc.Channel:
+    """An authenticated channel to the cluster `pomona up` started in `directory` (the CLI's way:
+    the token in .pomona/token, the TLS files cluster.json names)."""
+    state = cluster_state(directory)
+    node_secrets = auth.state_secrets(directory / ".pomona", state.get("tls"))
+    return auth.channel(state["address"], CHANNEL_OPTIONS, node_secrets)
 
 
 def assert_all_gone(pids: Sequence[int], timeout_s: float = 20) -> None:
@@ -169,9 +212,7 @@ def running_cluster(
         up = pomona("up", str(config_path), cwd=directory)
         pids = cluster_pids(directory)
         assert up.returncode == 0, f"pomona up failed:\n{up.stdout}\n{up.stderr}"
-        address = yaml.safe_load(config_path.read_text())["coordinator"]
-        channel = grpc.insecure_channel(f"{address['host']}:{address['port']}")
-        with channel:
+        with coordinator_channel(directory) as channel:
             yield ClusterClient(directory, coordinator_pb2_grpc.CoordinatorStub(channel), up.stdout)
     finally:
         pids = pids or cluster_pids(directory)

@@ -16,6 +16,7 @@ from cluster_helpers import running_cluster
 from layouts import PROMPT
 from tiny_models import make_tiny_checkpoint, reference_generate
 
+from pomona import auth
 from pomona.modelinfo import describe_model
 from pomona.proto import coordinator_pb2, worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
@@ -57,6 +58,7 @@ def expert_server():
 
 @pytest.fixture
 def dispatcher(expert_server):
+    auth.install(auth.NodeSecrets("unchecked"))  # links need the node's secrets; this server checks none
     dispatcher = Dispatcher(ExpertStats())
     dispatcher.connect({"x": expert_server[1]})
     yield dispatcher
@@ -103,7 +105,7 @@ def test_dead_expert_node_fails_a_waiting_dispatch_fast(expert_server, dispatche
 
 def _worker_pid(directory, node: str) -> int:
     state = json.loads((directory / ".pomona" / "cluster.json").read_text())
-    return state["worker_pids"][node]
+    return state["local_workers"][node]["pid"]
 
 
 def _kill_while_generating(cluster, directory, victim: str) -> None:

@@ -26,9 +26,11 @@ import pytest
 from coordinator.launch import (
     NodeUnreachable,
     _remote_command,
+    _worker_command,
     launch_worker,
     wait_until_reachable,
 )
+from pomona.auth import NodeSecrets
 from pomona.config import NodeConfig, SshConfig
 from pomona.errors import PomonaError
 
@@ -36,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SSHD = Path("/usr/sbin/sshd")
 START_TIMEOUT_S = 60.0  # Python + MLX import on a busy 2-core machine
 GONE_TIMEOUT_S = 10.0
+SECRETS = NodeSecrets("launch-test-token")  # handed to every worker on its stdin
 
 
 def free_port() -> int:
@@ -71,10 +74,10 @@ def test_local_worker_answers_and_stops(tmp_path: Path) -> None:
     node = local_node("a", free_port())
 
     async def scenario() -> int:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         assert process is not None
         try:
-            info = await wait_until_reachable(node, START_TIMEOUT_S, process)
+            info = await wait_until_reachable(node, START_TIMEOUT_S, SECRETS, process)
             assert process.exit_code() is None
             assert "listening" in process.log_tail()
         finally:
@@ -95,14 +98,16 @@ LAUNCHER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from coordinator.launch import launch_worker, wait_until_reachable
+    from pomona.auth import NodeSecrets
     from pomona.config import NodeConfig, SshConfig
+    SECRETS = NodeSecrets("launcher-token")
 
     async def main(port, log_dir, ssh_port=None, key_file=None, user=None, workdir=None):
         python, launch = sys.executable, "ssh" if ssh_port else "local"
         ssh = SshConfig(user, int(ssh_port), key_file, None) if ssh_port else None
         node = NodeConfig("orphan", "127.0.0.1", int(port), None, launch, ssh, python, workdir, {})
-        process = await launch_worker(node, Path(log_dir))
-        info = await wait_until_reachable(node, 60, process)
+        process = await launch_worker(node, Path(log_dir), SECRETS)
+        info = await wait_until_reachable(node, 60, SECRETS, process)
         print(info.pid, flush=True)
         await asyncio.sleep(600)  # until the test kills us
 
@@ -142,9 +147,9 @@ def test_manual_node_on_closed_port_is_unreachable() -> None:
     port = free_port()
     node = NodeConfig("b", "127.0.0.1", port, None, "manual", None, None, None, {})
     started = time.monotonic()
-    assert asyncio.run(launch_worker(node, Path("/nonexistent"))) is None
+    assert asyncio.run(launch_worker(node, Path("/nonexistent"), SECRETS)) is None
     with pytest.raises(NodeUnreachable) as caught:
-        asyncio.run(wait_until_reachable(node, timeout_s=2))
+        asyncio.run(wait_until_reachable(node, 2, SECRETS))
     assert time.monotonic() - started < 5
     message = str(caught.value)
     assert "'b'" in message and f"127.0.0.1:{port}" in message and "within 2 s" in message
@@ -157,7 +162,7 @@ def test_port_in_use_fails_fast(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         started = time.monotonic()
         with pytest.raises(NodeUnreachable) as caught:
-            asyncio.run(launch_worker(local_node("c", port), tmp_path))
+            asyncio.run(launch_worker(local_node("c", port), tmp_path, SECRETS))
         assert time.monotonic() - started < 2
         assert "'c'" in str(caught.value) and f"port {port}" in str(caught.value)
 
@@ -169,14 +174,14 @@ def test_worker_that_exits_early_fails_at_once_with_its_log(tmp_path: Path) -> N
     node = local_node("d", port)
 
     async def scenario() -> None:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         try:
             with socket.socket() as holder:
                 holder.bind(("127.0.0.1", port))
                 holder.listen()
                 started = time.monotonic()
                 with pytest.raises(NodeUnreachable) as caught:
-                    await wait_until_reachable(node, START_TIMEOUT_S, process)
+                    await wait_until_reachable(node, START_TIMEOUT_S, SECRETS, process)
                 assert time.monotonic() - started < START_TIMEOUT_S / 2
         finally:
             await process.stop()
@@ -212,7 +217,7 @@ def test_stop_kills_a_worker_that_ignores_eof(tmp_path: Path) -> None:
     node = NodeConfig(**{**vars(node), "python": stubborn_python(tmp_path)})
 
     async def scenario() -> int:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         pid = None
         try:
             pid = await stubborn_pid(process)
@@ -295,11 +300,11 @@ def test_ssh_worker_answers_and_stops(sshd, tmp_path: Path) -> None:
     node = ssh_node("remote", free_port(), ssh_port, client_key)
 
     async def scenario() -> int:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         assert process is not None
         worker_pid = None
         try:
-            info = await wait_until_reachable(node, START_TIMEOUT_S, process)
+            info = await wait_until_reachable(node, START_TIMEOUT_S, SECRETS, process)
             worker_pid = info.pid
             assert psutil.Process(worker_pid).environ().get("POMONA_TEST") == "1"
             assert psutil.Process(worker_pid).cwd() == str(REPO_ROOT)
@@ -321,7 +326,7 @@ def test_ssh_stop_kills_a_worker_that_ignores_eof(sshd, tmp_path: Path) -> None:
     node = NodeConfig(**{**vars(node), "python": stubborn_python(tmp_path)})
 
     async def scenario() -> int:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         pid = None
         try:
             pid = await stubborn_pid(process)
@@ -350,10 +355,10 @@ def test_ssh_worker_that_cannot_start_fails_at_once(sshd, tmp_path: Path) -> Non
     node = NodeConfig(**{**vars(node), "python": "/nonexistent/python"})
 
     async def scenario() -> None:
-        process = await launch_worker(node, tmp_path)
+        process = await launch_worker(node, tmp_path, SECRETS)
         try:
             with pytest.raises(NodeUnreachable) as caught:
-                await wait_until_reachable(node, START_TIMEOUT_S, process)
+                await wait_until_reachable(node, START_TIMEOUT_S, SECRETS, process)
         finally:
             await process.stop()
         message = str(caught.value)
@@ -367,7 +372,7 @@ def test_ssh_wrong_key_is_unreachable(sshd, tmp_path: Path) -> None:
     ssh_port, _, other_key = sshd
     node = ssh_node("denied", free_port(), ssh_port, other_key)
     with pytest.raises(NodeUnreachable) as caught:
-        asyncio.run(launch_worker(node, tmp_path))
+        asyncio.run(launch_worker(node, tmp_path, SECRETS))
     message = str(caught.value)
     assert "'denied'" in message and f"@127.0.0.1:{ssh_port}" in message
     assert "authorized_keys" in message
@@ -378,7 +383,7 @@ def test_ssh_closed_port_is_unreachable(tmp_path: Path) -> None:
     node = ssh_node("far", free_port(), closed_port, None)
     started = time.monotonic()
     with pytest.raises(NodeUnreachable) as caught:
-        asyncio.run(launch_worker(node, tmp_path))
+        asyncio.run(launch_worker(node, tmp_path, SECRETS))
     assert time.monotonic() - started < 15
     message = str(caught.value)
     assert "'far'" in message and f"127.0.0.1:{closed_port}" in message
@@ -391,7 +396,8 @@ def test_remote_command_quotes_and_keeps_the_worker_pid() -> None:
     node = NodeConfig(
         "n", "10.0.0.2", 5000, None, "ssh", ssh, "~/venv/bin/python", "~/my pomona", {"A": "x y"}
     )
-    assert _remote_command(node) == (
-        "echo \"pomona: worker pid $$\"; cd ~/'my pomona' && exec env 'A=x y' "
-        "~/venv/bin/python -m worker --host 10.0.0.2 --port 5000 --exit-on-stdin-eof"
+    assert _remote_command(node, _worker_command(node, 4096)) == (
+        "echo \"pomona: worker pid $$ started $(ps -o lstart= -p $$)\"; cd ~/'my pomona' && exec env 'A=x y' "
+        "~/venv/bin/python -m worker --host 10.0.0.2 --port 5000 --exit-on-stdin-eof "
+        "--secrets-stdin --max-message-bytes 4096"
     )

@@ -13,10 +13,19 @@ import time
 import grpc
 import pytest
 import yaml
-from cluster_helpers import assert_all_gone, free_ports, pomona, processes_using, running_cluster
+from cluster_helpers import (
+    assert_all_gone,
+    free_ports,
+    manual_worker_command,
+    pomona,
+    processes_using,
+    running_cluster,
+    write_token_file,
+)
 from emulation import DelayProxy, cpu_group, throttle_available, throttled_python
 from tiny_models import make_tiny_checkpoint, reference_generate
 
+from pomona import auth
 from pomona.modelinfo import describe_model
 from pomona.proto import worker_pb2, worker_pb2_grpc
 from pomona.tokenizer import load_tokenizer
@@ -80,9 +89,9 @@ def test_a_slow_link_is_left_out_and_tokens_match(tmp_path, model_dir):
     expected = reference_generate(model_dir, load_tokenizer(model_dir).encode(PROMPT), NEW_TOKENS)
     memory = _share_gib(model_dir, 0.75)  # any two of the three nodes hold the model
     (port,) = free_ports(1)
+    token_file = write_token_file(tmp_path)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        manual_worker_command(port, token_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         with DelayProxy(0, "127.0.0.1", port, 0.020) as link:
@@ -93,6 +102,7 @@ def test_a_slow_link_is_left_out_and_tokens_match(tmp_path, model_dir):
             with running_cluster(
                 tmp_path / "c", model_dir, 3, node_overrides=overrides,
                 placement={"objective": "latency"}, generation={"max_context": 256},
+                auth={"token_file": str(token_file)},
             ) as cluster:
                 summary = cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS)
                 status = cluster.status()
@@ -143,14 +153,16 @@ def test_energy_objective_picks_the_frugal_node_latency_the_fast_one(tmp_path, m
 def test_links_are_measured_over_the_data_plane_stack(tmp_path):
     """Worker-to-worker MeasureLinks through a 10 ms proxy reports ~10 ms one-way."""
     ports = free_ports(2)
+    token_file = write_token_file(tmp_path)
     workers = [
-        subprocess.Popen([sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(p)],
+        subprocess.Popen(manual_worker_command(p, token_file),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for p in ports
     ]
     try:
         with DelayProxy(0, "127.0.0.1", ports[1], 0.010) as link:
-            channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}")
+            node_secrets = auth.NodeSecrets(auth.read_token(token_file))
+            channel = auth.channel(f"127.0.0.1:{ports[0]}", [], node_secrets)
             grpc.channel_ready_future(channel).result(timeout=60)
             stub = worker_pb2_grpc.WorkerStub(channel)
             request = worker_pb2.MeasureLinksRequest(
@@ -203,8 +215,9 @@ def test_status_and_generate_json_carry_the_schedulers_figures(tmp_path, model_d
 
 def test_a_node_that_cannot_be_profiled_in_time_fails_up_clearly(tmp_path, model_dir):
     (port,) = free_ports(1)
+    token_file = write_token_file(tmp_path)
     worker = subprocess.Popen(  # its own profile cache: it must measure, not read a stored profile
-        [sys.executable, "-m", "worker", "--host", "127.0.0.1", "--port", str(port)],
+        manual_worker_command(port, token_file),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "POMONA_CACHE": str(tmp_path / "worker-cache")},
     )
@@ -217,6 +230,7 @@ def test_a_node_that_cannot_be_profiled_in_time_fails_up_clearly(tmp_path, model
                 "coordinator": {"host": "127.0.0.1", "port": ports[0]},
                 "nodes": [{"name": "sluggish", "host": "127.0.0.1", "port": link.port,
                            "launch": "manual"}],
+                "auth": {"token_file": str(token_file)},
             }
             (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(config))
             result = subprocess.run(

@@ -39,6 +39,7 @@ from .experts import ExpertStats
 from .link import Link, LinkBroken
 from .sampling import Sampler, SamplingConfig, TokenLogprobs
 from .stage import StageModel
+from .validate import BadInput, ModelLimits, check_hidden, check_start, check_token, model_limits
 from .wire import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,14 @@ class ResultHub:
 
 
 class StageEngine:
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int = 64 * 2**20) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.max_message_bytes = max_message_bytes
+        self.limits: ModelLimits | None = None  # what the loaded stage accepts (validate.py)
+        # Request ids in use here, claimed by the gRPC handler that receives a `start` (so a
+        # duplicate is refused before it reaches the engine), freed when the request ends.
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
         self.stage: StageModel | None = None
         self.stage_index = 0
         self.stage_count = 1
@@ -156,8 +163,22 @@ class StageEngine:
 
     # -- configuration (engine thread) ---------------------------------------------------------
 
+    def claim(self, request_id: str) -> bool:
+        """Reserve ``request_id`` for a new request; False if a request here already has it."""
+        with self._claim_lock:
+            if request_id in self._claimed:
+                return False
+            self._claimed.add(request_id)
+            return True
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        with self._claim_lock:
+            self._claimed.discard(request_id)
+
     def install(self, stage: StageModel | None, index: int, count: int, next_link) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
+        self.limits = model_limits(stage.model, self.max_message_bytes) if stage is not None else None
         self.next_link = next_link if count > 1 else None
         self.experts_only = stage is None and self.dispatcher.host is not None
 
@@ -165,7 +186,7 @@ class StageEngine:
         """The next stage is gone: every request here needs it, so fail them all now (engine
         thread), naming the node; later ones fail at their first send until it is back."""
         for request_id in list(self.requests):
-            self.requests.pop(request_id, None)
+            self._forget(request_id)
             self.results.publish(
                 worker_pb2.TokenEvent(request_id=request_id, error=f"next stage {reason}")
             )
@@ -173,6 +194,8 @@ class StageEngine:
     def release(self) -> None:
         self.requests.clear()
         self.expert_stats.fold_counters()
+        with self._claim_lock:
+            self._claimed.clear()
         self.stage = None
         if self.next_link is not None:
             self.next_link.close()
@@ -221,7 +244,7 @@ class StageEngine:
         """Run a request's work; a failure fails that request alone (reported, caches freed)."""
         try:
             work()
-        except LinkBroken as error:  # one line: the message names the node
+        except (LinkBroken, BadInput) as error:  # one line: the message names the node or field
             log.error("request %s failed on stage %d: %s", request_id, self.stage_index, error)
             self._fail(request_id, f"stage {self.stage_index}: {error}")
         except Exception as error:
@@ -232,8 +255,11 @@ class StageEngine:
         self.results.publish(worker_pb2.TokenEvent(request_id=request_id, error=reason))
         if request_id in self.requests:
             self._end(request_id, origin=self.stage_index)
+        else:
+            self._forget(request_id)  # refused before it started: free its claim
 
     def _on_start(self, request_id: str, start: worker_pb2.StartRequest) -> None:
+        check_start(start, self.limits, self.stage_index == 0)
         state = RequestState(
             caches=self.stage.new_caches(),
             max_tokens=start.max_tokens,
@@ -321,6 +347,9 @@ class StageEngine:
         state = self.requests.get(request_id)
         if state is None:
             return  # the request ended (failed or cancelled) while this was in flight
+        if self.stage.is_first:
+            raise BadInput("the first stage takes token ids, not hidden states")
+        check_hidden(activations.hidden, self.limits.hidden_size, state.prefill_chunk_tokens)
         self._step(request_id, state, decode_tensor(activations.hidden), activations.sample)
 
     def _emit_token(
@@ -353,10 +382,13 @@ class StageEngine:
         if state.cancelled:
             self._end(request_id, origin=self.stage_index)
             return
+        if self.stage_index != 0:
+            raise BadInput("only the first stage takes the next token")
+        check_token(next_token.token_id, self.limits, "next token id")
         self._step(request_id, state, mx.array([[next_token.token_id]], dtype=mx.int32), True)
 
     def _end(self, request_id: str, origin: int) -> None:
-        self.requests.pop(request_id, None)
+        self._forget(request_id)
         next_index = (self.stage_index + 1) % self.stage_count
         if next_index != origin:
             end = worker_pb2.EndRequest(origin=origin)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import grpc
 
+from pomona import auth
 from pomona.errors import PomonaError
 from pomona.grpc_options import DATA_CHANNEL_OPTIONS
 from pomona.proto import worker_pb2_grpc
@@ -75,7 +76,7 @@ class GrpcLink(Link):
         self._broken = ""
         self._broken_at = 0.0
         self._closed = False
-        self._channel = grpc.insecure_channel(address, options=DATA_CHANNEL_OPTIONS)
+        self._channel = auth.channel(address, DATA_CHANNEL_OPTIONS)  # the node's own secrets
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         # wait_for_ready on the first stream only: the peer may still be starting while this node
         # loads. A reopened stream must fail fast if the peer is still gone.

@@ -15,6 +15,7 @@ import time
 
 import grpc
 
+from pomona import auth
 from pomona.grpc_options import CHANNEL_OPTIONS
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
@@ -25,7 +26,7 @@ class _EchoStream:
     """One Ping stream; `round_trip(payload)` sends it and waits for its echo."""
 
     def __init__(self, address: str, deadline: float):
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = auth.channel(address, CHANNEL_OPTIONS)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._deadline = deadline
         stub = worker_pb2_grpc.WorkerStub(self._channel)

@@ -15,9 +15,9 @@ import grpc
 import mlx.core as mx
 import psutil
 
-from pomona import __version__
+from pomona import __version__, auth
 from pomona.errors import PomonaError
-from pomona.grpc_options import SERVER_OPTIONS
+from pomona.grpc_options import MAX_CONCURRENT_RPCS, WORKER_THREADS, server_options
 from pomona.power import detect_meter
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
@@ -27,14 +27,16 @@ from .expert_counts import count_routed_experts
 from .link import GrpcLink
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
+from .validate import expert_request_problem, load_problem, measure_problem, profile_problem, stream_problem
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, stop_server) -> None:
-        self.engine = StageEngine()
-        self._loaded: worker_pb2.LoadShardRequest | None = None
+    def __init__(self, stop_server, max_message_bytes: int) -> None:
+        self.engine = StageEngine(max_message_bytes)
+        self._loaded: worker_pb2.LoadShardRequest | None = None  # or being loaded
+        self._load_lock = threading.Lock()
         self._stop_server = stop_server
         self._meter = None
         self._meter_lock = threading.Lock()
@@ -55,6 +57,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Profile(self, request, context):
         from .profiling import profile_node  # MLX-heavy: only when asked
 
+        if problem := profile_problem(request):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         job = self.engine.call(lambda: profile_node(request))
         try:
             return job.result(timeout=max(request.time_budget_s, 1.0) * 4 + 60)
@@ -65,6 +69,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def MeasureLinks(self, request, context):
         # Off the engine thread: the probe only waits on the network.
+        if problem := measure_problem(request, self.engine.max_message_bytes):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         reply = worker_pb2.MeasureLinksReply()
         for target in request.targets:
             reply.links.append(
@@ -81,6 +87,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return reply
 
     def LoadShard(self, request, context):
+        with self._load_lock:  # a second Load (even mid-generation) must not drop this one
+            problem = load_problem(request, self._loaded)
+            if not problem:
+                self._loaded = request
+        if problem:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        try:
+            yield from self._load(request)
+        except BaseException:
+            self._loaded = None
+            raise
+
+    def _load(self, request):
         progress: queue.SimpleQueue = queue.SimpleQueue()
 
         def report(fraction: float, message: str) -> None:
@@ -129,9 +148,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if error is not None:
             reason = str(error) if isinstance(error, PomonaError) else f"{type(error).__name__}: {error}"
             log.error("loading failed: %s", reason)
+            self._loaded = None
             yield worker_pb2.LoadProgress(done=True, error=reason)
             return
-        self._loaded = request
         yield worker_pb2.LoadProgress(
             fraction=1.0,
             done=True,
@@ -200,6 +219,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Forward(self, request_iterator, context):
         for message in request_iterator:
+            problem = stream_problem(message)
+            starts = message.WhichOneof("body") == "start"
+            if not problem and starts and not self.engine.claim(message.request_id):
+                problem = f"request id {message.request_id!r} is already in use here; closing this stream"
+            if problem:  # the sender is broken: its stream goes, every other request runs on
+                log.warning("refused a data-plane stream from %s: %s", context.peer(), problem)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             self.engine.submit(message)
         return worker_pb2.ForwardReply()
 
@@ -209,6 +235,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def Experts(self, request_iterator, context):
         engine = self.engine
         for request in request_iterator:
+            if problem := expert_request_problem(request, engine.dispatcher.host, engine.max_message_bytes):
+                yield worker_pb2.ExpertReply(error=problem, dispatch_id=request.dispatch_id)
+                continue
             if engine.experts_only:
                 yield engine.compute_expert_here(request)
                 continue
@@ -246,16 +275,23 @@ def _gpu_working_set_bytes() -> int:
     return 0
 
 
-def serve(host: str, port: int) -> tuple[grpc.Server, threading.Event]:
-    """Start a worker server; returns it and an event set when it should stop."""
+def serve(
+    host: str, port: int, node_secrets: auth.NodeSecrets, max_message_bytes: int
+) -> tuple[grpc.Server, threading.Event]:
+    """Start a worker server that answers only calls carrying the cluster's token (and, with
+    TLS, a certificate of the cluster's CA); returns it and an event set when it should stop.
+    The secrets also serve this node's own links to other nodes."""
+    auth.install(node_secrets)
     stopped = threading.Event()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=SERVER_OPTIONS)
-    service = WorkerService(stop_server=stopped.set)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKER_THREADS),
+        options=server_options(max_message_bytes),
+        interceptors=[auth.TokenCheck(node_secrets.token)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    service = WorkerService(stopped.set, max_message_bytes)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio raises where older versions returned 0
-        bound = 0
+    bound = auth.add_port(server, f"{host}:{port}", node_secrets)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (is the port in use?)")
     server.start()
