@@ -170,7 +170,7 @@ def main() -> None:
         with running_cluster(root / "cluster", checkpoint, args.stages, stages, api=api):
             directory = root / "cluster"
             state = json.loads((directory / ".pomona" / "cluster.json").read_text())
-            pids = {"coordinator": state["pid"], **state["worker_pids"]}
+            pids = {"coordinator": state["pid"], **{n: w["pid"] for n, w in state["local_workers"].items()}}
             assert set(pids.values()) == set(cluster_pids(directory))
             outcomes, gaps, samples = asyncio.run(
                 soak(api_url(directory), pids, args.minutes, args.streams, args.seed)

@@ -28,7 +28,7 @@ def test_node_loss_over_http(tmp_path):
         assert response.status == 200
         assert b'"text"' in response.readline()  # the first token is out
         state = json.loads((directory / ".pomona" / "cluster.json").read_text())
-        os.kill(state["worker_pids"]["b"], signal.SIGKILL)
+        os.kill(state["local_workers"]["b"]["pid"], signal.SIGKILL)
         started = time.monotonic()
         rest = response.read().decode()  # ends: the server closes the stream
         connection.close()

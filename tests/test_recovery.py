@@ -41,7 +41,7 @@ def _tokens(chunks) -> list[int]:
 
 
 def _worker_pid(directory, node: str) -> int:
-    return json.loads((directory / ".pomona" / "cluster.json").read_text())["worker_pids"][node]
+    return json.loads((directory / ".pomona" / "cluster.json").read_text())["local_workers"][node]["pid"]
 
 
 def _kill_during(cluster, directory, victim: str) -> list[list[int]]:
