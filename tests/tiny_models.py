@@ -9,7 +9,6 @@ the distributed paths must reproduce them (greedy tokens identical, logits allcl
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 from pathlib import Path
@@ -20,10 +19,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
-from mlx_lm.utils import load_model
+from mlx_lm.utils import _get_classes, load_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# The families with hand-checked layouts in tests/layouts.py; EXTRA_FAMILIES run through the
+# generic stage adapter (tests/test_families.py).
 FAMILIES = ("llama", "llama4", "mixtral", "qwen3_moe", "deepseek_v3")
+EXTRA_FAMILIES = (
+    "qwen2", "qwen3", "qwen2_moe", "gemma3_text", "phi3", "mistral", "glm4_moe", "olmoe",
+    "gpt_oss", "granitemoe", "phimoe", "minimax", "granite", "olmo2",
+)  # fmt: skip
+# MoE families among EXTRA_FAMILIES (every one holds SwitchGLU experts).
+EXTRA_MOE_FAMILIES = ("qwen2_moe", "glm4_moe", "olmoe", "gpt_oss", "granitemoe", "phimoe", "minimax")
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -124,6 +131,105 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "rope_scaling": None,
     },
+    # --- families served by the generic stage adapter (no file of their own) ----------------
+    "qwen2": {"num_hidden_layers": 4, "tie_word_embeddings": True},
+    "qwen3": {"num_hidden_layers": 4},
+    "qwen2_moe": {
+        # Shared expert behind a sigmoid gate, plus softmax top-k routed experts.
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64,
+    },
+    "gemma3_text": {
+        # Sliding-window layers (a rotating cache) with a global layer every 2nd; embeddings
+        # scaled by sqrt(hidden_size); the window is shorter than the test prompt.
+        "num_hidden_layers": 4,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 16,
+        "rope_local_base_freq": 10000.0,
+    },
+    "phi3": {"num_hidden_layers": 4},  # fused qkv and gate_up projections
+    # Mistral loads as mlx-lm's llama (MODEL_REMAPPING), here with sliding-window layers.
+    "mistral": {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 8,
+    },
+    "glm4_moe": {
+        # Layer 0 dense; grouped sigmoid routing with a correction bias and a shared expert.
+        "num_hidden_layers": 4,
+        "moe_intermediate_size": 64,
+        "norm_topk_prob": True,
+        "n_group": 2,
+        "topk_group": 1,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "routed_scaling_factor": 1.5,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "use_qk_norm": True,
+        "attention_bias": False,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": None,
+    },
+    "olmoe": {
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "norm_topk_prob": False,
+    },
+    "gpt_oss": {
+        # Attention sinks, alternating sliding/full attention, biased SwiGLU experts.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    "granitemoe": {
+        # Embedding multiplier, residual and attention multipliers, logits scaling.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+    },
+    "phimoe": {
+        # LayerNorms with biases, a biased lm_head, sparsemixer top-2 routing.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "original_max_position_embeddings": 2048,
+        "rope_scaling": None,
+    },
+    "minimax": {
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "shared_intermediate_size": 0,
+        "rotary_dim": 8,
+    },
+    "granite": {
+        "num_hidden_layers": 4,
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "olmo2": {"num_hidden_layers": 4},
 }
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -149,7 +255,7 @@ def build_tokenizer() -> Tokenizer:
 
 def _build_config(family: str, num_layers: int | None, overrides: dict[str, Any]) -> dict:
     if family not in _FAMILY_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + EXTRA_FAMILIES}")
     args = {**_COMMON, **_FAMILY_CONFIGS[family], **overrides}
     if num_layers is not None:
         args["num_hidden_layers"] = num_layers
@@ -236,8 +342,8 @@ def make_tiny_checkpoint(
     config.update(eos_token_id=eos_token_id, torch_dtype=dtype)
 
     mx.random.seed(seed)
-    family_module = importlib.import_module(f"mlx_lm.models.{family}")
-    model = family_module.Model(family_module.ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)  # mlx-lm's own remapping (mistral -> llama)
+    model = model_class(args_class.from_dict(config))
     _reinitialise(model)
     _cast(model, _DTYPES[dtype])
     if quantize_bits is not None:

@@ -29,8 +29,8 @@ from .experts import (
     SafetensorsIndex,
     keep_experts,
 )
-from .families import FamilyAdapter, adapter_for
-from .families.base import child
+from .families import StageAdapter, adapter_for
+from .families.base import child, expert_count
 
 ProgressFn = Callable[[float, str], None]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -42,7 +42,7 @@ class StageModel:
     def __init__(
         self,
         model: nn.Module,
-        adapter: FamilyAdapter,
+        adapter: StageAdapter,
         architecture: str,
         start: int,
         end: int,
@@ -55,7 +55,7 @@ class StageModel:
         self.start, self.end = start, end
         self.is_first, self.is_last = is_first, is_last
         self.layer_indices = list(range(start, end))
-        self.layers = adapter.backbone(model).layers[start:end]
+        self.layers = adapter.layers[start:end]
 
     @property
     def parameter_bytes(self) -> int:
@@ -66,12 +66,12 @@ class StageModel:
 
     def new_caches(self) -> list:
         """Fresh per-request caches for this stage's layers, of the kinds mlx-lm's model uses."""
-        return [self.adapter.make_cache(self.model, i) for i in self.layer_indices]
+        return [self.adapter.make_cache(i) for i in self.layer_indices]
 
     def forward(self, inputs: mx.array, caches: list) -> mx.array:
         """Token ids ``[1, L]`` (first stage) or hidden states ``[1, L, D]`` -> hidden ``[1, L, D]``."""
-        hidden = self.adapter.embed(self.model, inputs) if self.is_first else inputs
-        masks = self.adapter.masks(self.model, hidden, self.layer_indices, caches)
+        hidden = self.adapter.embed(inputs) if self.is_first else inputs
+        masks = self.adapter.masks(hidden, self.layer_indices, caches)
         for layer, cache, mask in zip(self.layers, caches, masks):
             hidden = layer(hidden, mask, cache=cache)
             # Start computing this layer while Python builds the next one's graph: the overlap
@@ -81,7 +81,7 @@ class StageModel:
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Last stage only: final norm and head on the last position -> ``[vocab]``."""
-        return self.adapter.head(self.model, hidden[:, -1:, :])[0, -1]
+        return self.adapter.head(hidden[:, -1:, :])[0, -1]
 
 
 def _read_architecture(model_path: Path) -> str:
@@ -101,25 +101,24 @@ def _evaluate_with_progress(stage: StageModel, progress: ProgressFn) -> None:
     progress(1.0, "shard loaded")
 
 
-def _lazy_model(path: Path) -> tuple[nn.Module, FamilyAdapter, str]:
+def _lazy_model(path: Path) -> tuple[nn.Module, StageAdapter, str]:
     """The whole model with lazy weights: nothing is read from disk until evaluated."""
     from mlx_lm.utils import load_model
 
     architecture = _read_architecture(path)
-    adapter = adapter_for(architecture)
     try:
         model, _ = load_model(path, lazy=True, strict=True)
     except (FileNotFoundError, ValueError) as error:
         raise ModelError(f"cannot load the checkpoint at {path}: {error}") from error
-    return model, adapter, architecture
+    return model, adapter_for(model, architecture), architecture
 
 
 def _load_directory(
     path: Path, start: int, end: int, is_first: bool, is_last: bool, plan: ExpertPlan | None
 ) -> StageModel:
     model, adapter, architecture = _lazy_model(path)
-    _check_layer_range(adapter.num_layers(model), start, end, path)
-    adapter.keep_only(model, start, end, is_first, is_last)
+    _check_layer_range(adapter.num_layers, start, end, path)
+    adapter.keep_only(start, end, is_first, is_last)
     if plan is not None:
         _distribute_experts(model, adapter, path, range(start, end), plan)
     return StageModel(model, adapter, architecture, start, end, is_first, is_last)
@@ -133,17 +132,26 @@ class ExpertPlan:
         self.held, self.remote, self.dispatcher = held, remote, dispatcher
 
 
-def _distribute_experts(model, adapter: FamilyAdapter, path: Path, layers, plan: ExpertPlan) -> None:
+def _expert_module(model, adapter: StageAdapter, layer: int, path: Path) -> tuple[str, nn.Module]:
+    module_path = adapter.expert_module_path(layer)
+    module = child(model, module_path) if module_path else None
+    if module is None:
+        raise ModelError(
+            f"layer {layer} of the {adapter.architecture} model at {path} has no routed-expert "
+            "module of mlx-lm's switch_layers (SwitchGLU / SwitchMLP, called as experts(x, "
+            "indices)); expert parallelism can only spread experts held that way"
+        )
+    return module_path, module
+
+
+def _distribute_experts(model, adapter: StageAdapter, path: Path, layers, plan: ExpertPlan) -> None:
     index = SafetensorsIndex(path)
     for layer in layers:
-        module_path = adapter.expert_module_path(layer)
-        if module_path is None or layer not in plan.remote:
+        if layer not in plan.remote:
             continue  # dense layer, or every expert is here
-        module = child(model, module_path)
-        if module is None:
-            raise ModelError(f"layer {layer} has no routed experts to distribute")
+        module_path, module = _expert_module(model, adapter, layer, path)
         held = plan.held.get(layer, [])
-        table = ExpertTable(module.gate_proj.num_experts, held, plan.remote[layer])
+        table = ExpertTable(expert_count(module), held, plan.remote[layer])
         if held:
             keep_experts(module, module_path, index, held)
         parent_path, _, name = module_path.rpartition(".")
@@ -161,11 +169,8 @@ def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: Expe
     index = SafetensorsIndex(path)
     modules = {}
     for layer, ids in sorted(groups.items()):
-        module_path = adapter.expert_module_path(layer)
-        module = child(model, module_path) if module_path else None
-        if module is None:
-            raise ModelError(f"layer {layer} of {path} has no routed experts")
-        num_experts = module.gate_proj.num_experts
+        module_path, module = _expert_module(model, adapter, layer, path)
+        num_experts = expert_count(module)
         if not ids or min(ids) < 0 or max(ids) >= num_experts:
             raise ModelError(f"expert ids {ids} are outside layer {layer}'s {num_experts} experts")
         keep_experts(module, module_path, index, ids)
@@ -190,10 +195,10 @@ def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) 
         return is_last  # final norm, lm_head
 
     checkpoint = load_gguf(path, keep=in_shard)
-    adapter = adapter_for(checkpoint.config["model_type"])
     model = llama.Model(llama.ModelArgs.from_dict(checkpoint.config))
-    _check_layer_range(adapter.num_layers(model), start, end, path)
-    adapter.keep_only(model, start, end, is_first, is_last)
+    adapter = adapter_for(model, checkpoint.config["model_type"])
+    _check_layer_range(adapter.num_layers, start, end, path)
+    adapter.keep_only(start, end, is_first, is_last)
     nn.quantize(model, class_predicate=lambda p, m: checkpoint.quantization.get(p, False))
     wanted = {name for name, _ in tree_flatten(model.parameters())}
     weights = [(k, v) for k, v in checkpoint.weights.items() if k in wanted]
