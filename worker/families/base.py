@@ -93,8 +93,10 @@ class _Passthrough(nn.Module):
         if embedding is not None:
             self[embedding_name] = embedding
 
-    def __call__(self, hidden: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        return hidden
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        # The parent passes what it got as its first argument, by position or by keyword
+        # (MiniMax: ``self.model(inputs=inputs, mask=mask, cache=cache)``).
+        return args[0] if args else next(iter(kwargs.values()))
 
 
 def _find_backbone(model: nn.Module) -> tuple[str, nn.Module, str, str]:
