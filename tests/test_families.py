@@ -89,15 +89,15 @@ def test_stage_chain_matches_mlx_lm(checkpoints, references, family, stage_count
     assert len(set(expected)) >= 3  # a degenerate model would prove little
 
 
-def _expert_layout(family: str, stage_count: int, num_experts: int):
+def _expert_layout(family: str, stage_count: int, info):
     """Experts on other nodes: a third, expert-only node beside 2 stages; with 3 stages, the last
-    stage's node also holds experts of the first stage's layers."""
+    stage's node also holds experts of the first MoE layer, which another stage runs."""
     if family not in EXTRA_MOE_FAMILIES:
         return stage_count, None
-    half = num_experts // 2
+    half, first = info.num_experts // 2, info.moe_layers[0]
     if stage_count == 2:
         return 3, [{"node": "c", "layers": [0, 4], "experts": [0, half]}]
-    return 3, [{"node": "c", "layers": [0, 1], "experts": [half, num_experts]}]
+    return 3, [{"node": "c", "layers": [first, first + 1], "experts": [half, info.num_experts]}]
 
 
 @pytest.mark.parametrize("stage_count", [2, 3])
@@ -105,7 +105,7 @@ def _expert_layout(family: str, stage_count: int, num_experts: int):
 def test_cluster_matches_mlx_lm(checkpoints, references, tmp_path, family, stage_count):
     path = checkpoints[family]
     prompt, expected = references[family]
-    nodes, experts = _expert_layout(family, stage_count, describe_model(str(path)).num_experts)
+    nodes, experts = _expert_layout(family, stage_count, describe_model(str(path)))
     with running_cluster(tmp_path, path, nodes, LAYOUTS[stage_count], experts) as cluster:
         summary = cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS)
         assert summary.prompt_tokens == len(prompt)

@@ -230,8 +230,19 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "mlp_bias": False,
     },
     "olmo2": {"num_hidden_layers": 4},
+    # A state-space model: its layers keep a recurrent state, so it cannot be split (test_errors).
+    "mamba": {
+        "num_hidden_layers": 2,
+        "state_size": 16,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 8,
+        "tie_word_embeddings": True,
+    },
 }
 
+_EMBEDDINGS = ("embed_tokens", "embeddings")  # token embedding module names (mamba: embeddings)
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -282,7 +293,7 @@ def _reinitialise(model: nn.Module) -> None:
         elif leaf == "e_score_correction_bias":
             # Small, so DeepSeek's bias-corrected selection differs a little from raw scores.
             new = 0.05 * mx.random.normal(value.shape)
-        elif module_name.endswith("embed_tokens"):
+        elif module_name.endswith(_EMBEDDINGS):
             new = EMBEDDING_STD * mx.random.normal(value.shape)
         elif name == head:
             new = HEAD_STD * mx.random.normal(value.shape)
@@ -294,11 +305,11 @@ def _reinitialise(model: nn.Module) -> None:
     # The residual stream still carries the input token's embedding, so the head favours
     # "x follows x" and greedy decoding settles on one repeated token. Lean the head away from
     # the embedding; a tied head cannot lean, so flip the final norm's sign instead.
-    embed = next(k for k in params if k.endswith("embed_tokens.weight"))
+    embed = next(k for k in params if k.endswith(tuple(f"{e}.weight" for e in _EMBEDDINGS)))
     if head is not None:
         params[head] = params[head] - SELF_PENALTY * params[embed]
     else:
-        final_norm = next(k for k in params if k.endswith("model.norm.weight"))
+        final_norm = next(k for k in params if k.endswith(("model.norm.weight", "norm_f.weight")))
         params[final_norm] = -params[final_norm]
     model.update(tree_unflatten(list(params.items())))
 

@@ -14,45 +14,39 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import mmap
 import os
 import platform
 import random
 import statistics
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import llama
 from mlx_lm.utils import _get_classes, load_config
 
 from pomona.errors import ModelError
 from pomona.fetch import cache_dir as pomona_cache_dir
 from pomona.fetch import default_model_path
-from pomona.gguf_header import GGUF_MAGIC, _Cursor, read_gguf_header  # _Cursor: for tensor types
 from pomona.modelinfo import DEFAULT_CONTEXT_LENGTH, _safetensors_sizes
 from pomona.profiles import ComputeProfile
 
 from .families import StageAdapter, adapter_for
 from .families.base import child, expert_count
-from .gguf_loader import SUPPORTED_ARCHITECTURES, _mlx_name, gguf_llama_config
+from .gguf_loader import read_layout
 
 PROFILE_FORMAT = 1  # bump when what is measured changes, so that older cached profiles miss
 MIN_SAMPLE_S = 0.03
 MAX_REPEATS = 7
 DEFAULT_TIME_BUDGET_S = 60.0
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# GGML tensor types as mx.load delivers them: Q4_0/Q4_1 -> 4-bit group 32, Q8_0 -> 8-bit group 32,
-# F32/F16/BF16 as they are; MLX dequantizes every other type (K-quants, ...) to float16.
-_GGUF_QUANTIZED_BITS = {2: 4, 3: 4, 8: 8}
+# GGML tensor types as the loader delivers them (like mx.load): F32/F16/BF16 as they are; every
+# other type's scales and biases, or dequantized values (K-quants, ...), are float16.
 _GGUF_FLOATS = {0: mx.float32, 1: mx.float16, 30: mx.bfloat16}
 
 DtypeFn = Callable[[nn.Module, str], mx.Dtype]  # (model, full parameter path) -> stored float dtype
@@ -145,47 +139,19 @@ def _directory_checkpoint(path: Path) -> _Checkpoint:
     )
 
 
-def _gguf_tensor_table(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """GGUF tensor name -> (GGML type, shape in MLX order), from the header's tensor table."""
-    try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if data[:4] != GGUF_MAGIC:
-                raise ModelError(f"{path} is not a GGUF file")
-            cursor = _Cursor(data, 4)
-            _version, tensor_count, kv_count = cursor.take("IQQ")
-            for _ in range(kv_count):  # walk past the metadata to the tensor table
-                cursor.string()
-                cursor.value(cursor.take("I")[0], skip_arrays=True)
-            tensors = {}
-            for _ in range(tensor_count):
-                name = cursor.string()
-                shape = cursor.take(f"{cursor.take('I')[0]}Q")
-                (tensor_type,) = cursor.take("I")
-                cursor.offset += 8  # the data offset
-                tensors[name] = (tensor_type, tuple(reversed(shape)))  # GGUF lists ne0 first
-    except (OSError, ValueError, struct.error) as error:
-        raise ModelError(f"{path} is not a readable GGUF file ({error})") from None
-    return tensors
-
-
 def _gguf_checkpoint(path: Path) -> _Checkpoint:
-    metadata = read_gguf_header(path, skip_arrays=True).metadata
-    if metadata.get("general.architecture") not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"GGUF architecture {metadata.get('general.architecture')!r} is not supported")
-    tensors = _gguf_tensor_table(path)
-    # gguf_llama_config looks only at tensor names and the embedding's row count.
-    config = gguf_llama_config(metadata, {n: SimpleNamespace(shape=s) for n, (_, s) in tensors.items()})
-    types = {_mlx_name(name): tensor_type for name, (tensor_type, _) in tensors.items()}
-    quantized = {name.removesuffix(".weight"): {"group_size": 32, "bits": _GGUF_QUANTIZED_BITS[t]}
-                 for name, t in types.items() if t in _GGUF_QUANTIZED_BITS}  # fmt: skip
+    layout = read_layout(path)  # the header only: config, names, per-module quantization
+    types = {layout.modules[t.name]: t.ggml_type for t in layout.header.tensors}
 
     # mx.load gives quantized tensors' scales and biases as float16, other floats as stored.
     float_dtype = lambda _model, parameter: _GGUF_FLOATS.get(types.get(parameter, 1), mx.float16)  # noqa: E731
+    config = layout.config
     return _Checkpoint(
-        lambda: llama.Model(llama.ModelArgs.from_dict(config)), "llama",
-        lambda module_path, _module: quantized.get(module_path, False),
+        layout.skeleton, config["model_type"],
+        lambda module_path, _module: layout.quantization.get(module_path, False),
         {"group_size": 32, "bits": 4, "mode": "affine"}, float_dtype,
-        int(config["max_position_embeddings"]), 0, {"config": config, "tensor_types": types},
+        int(config["max_position_embeddings"]), int(config.get("num_experts_per_tok") or 0),
+        {"config": config, "tensor_types": types},
     )
 
 

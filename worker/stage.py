@@ -10,7 +10,6 @@ they are mapped).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from .families import StageAdapter, adapter_for
 from .families.base import child, expert_count
 
 ProgressFn = Callable[[float, str], None]
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class StageModel:
@@ -182,29 +180,19 @@ def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: Expe
 
 
 def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
-    from mlx_lm.models import llama
+    from .gguf_loader import load_gguf, read_layout
 
-    from .gguf_loader import load_gguf
-
-    def in_shard(name: str) -> bool:
-        match = _LAYER.search(name)
-        if match:
-            return start <= int(match.group(1)) < end
-        if "embed_tokens" in name:
-            return is_first or is_last  # the last stage needs it as the head when tied
-        return is_last  # final norm, lm_head
-
-    checkpoint = load_gguf(path, keep=in_shard)
-    model = llama.Model(llama.ModelArgs.from_dict(checkpoint.config))
-    adapter = adapter_for(model, checkpoint.config["model_type"])
+    layout = read_layout(path)
+    model = layout.build()  # random init stays lazy: every kept parameter is loaded below
+    architecture = layout.config["model_type"]
+    adapter = adapter_for(model, architecture)
     _check_layer_range(adapter.num_layers, start, end, path)
     adapter.keep_only(start, end, is_first, is_last)
-    nn.quantize(model, class_predicate=lambda p, m: checkpoint.quantization.get(p, False))
     wanted = {name for name, _ in tree_flatten(model.parameters())}
-    weights = [(k, v) for k, v in checkpoint.weights.items() if k in wanted]
-    model.load_weights(weights, strict=True)
+    checkpoint = load_gguf(path, keep=wanted.__contains__, layout=layout)  # only these are read
+    model.load_weights(list(checkpoint.weights.items()), strict=True)
     model.eval()
-    return StageModel(model, adapter, "llama", start, end, is_first, is_last)
+    return StageModel(model, adapter, architecture, start, end, is_first, is_last)
 
 
 def _check_layer_range(num_layers: int, start: int, end: int, path: Path) -> None:
