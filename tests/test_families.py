@@ -5,7 +5,6 @@ single-process mlx-lm."""
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from cluster_helpers import running_cluster
@@ -14,6 +13,7 @@ from mlx_lm.utils import load_model
 from tiny_models import (
     EXTRA_FAMILIES,
     EXTRA_MOE_FAMILIES,
+    chain_generate,
     make_tiny_checkpoint,
     reference_generate,
     reference_logits,
@@ -22,7 +22,6 @@ from tiny_models import (
 from pomona.modelinfo import describe_model
 from pomona.tokenizer import load_tokenizer
 from worker.families import EXCEPTIONS, StageAdapter, adapter_for
-from worker.stage import load_stage
 
 NEW_TOKENS = 8
 # Every extra family has 4 layers. gemma3_text, mistral and gpt_oss alternate sliding-window and
@@ -46,26 +45,6 @@ def references(checkpoints):
     return made
 
 
-def _chain_tokens(path, layout, prompt):
-    """Greedy tokens through in-process stages, one decode step at a time as the pipeline runs."""
-    last = len(layout) - 1
-    stages = [load_stage(path, s, e, i == 0, i == last) for i, (s, e) in enumerate(layout)]
-    caches = [stage.new_caches() for stage in stages]
-
-    def step(ids):
-        hidden = mx.array([ids], dtype=mx.int32)
-        for stage, stage_caches in zip(stages, caches):
-            hidden = stage.forward(hidden, stage_caches)
-        return stages[-1].logits(hidden)
-
-    logits = step(prompt)
-    first_logits = np.array(logits.astype(mx.float32))
-    tokens = [int(mx.argmax(logits).item())]
-    while len(tokens) < NEW_TOKENS:
-        tokens.append(int(mx.argmax(step([tokens[-1]])).item()))
-    return first_logits, tokens
-
-
 @pytest.mark.parametrize("family", EXTRA_FAMILIES)
 def test_family_uses_the_generic_adapter(checkpoints, family):
     model, _ = load_model(checkpoints[family], lazy=True)
@@ -83,7 +62,7 @@ def test_family_uses_the_generic_adapter(checkpoints, family):
 @pytest.mark.parametrize("family", EXTRA_FAMILIES)
 def test_stage_chain_matches_mlx_lm(checkpoints, references, family, stage_count):
     prompt, expected = references[family]
-    logits, tokens = _chain_tokens(checkpoints[family], LAYOUTS[stage_count], prompt)
+    logits, tokens = chain_generate(checkpoints[family], LAYOUTS[stage_count], prompt, NEW_TOKENS)
     np.testing.assert_allclose(logits, reference_logits(checkpoints[family], prompt), atol=1e-4)
     assert tokens == expected
     assert len(set(expected)) >= 3  # a degenerate model would prove little

@@ -412,3 +412,27 @@ def reference_logits(model_dir: Path, token_ids: list[int]) -> np.ndarray:
     model, _ = load_model(Path(model_dir))
     logits = model(mx.array([token_ids], dtype=mx.uint32))  # [1, L, vocab]
     return np.array(logits[0, -1].astype(mx.float32))
+
+
+def chain_generate(
+    model_path: Path, layout: list[tuple[int, int]], prompt_ids: list[int], max_tokens: int
+) -> tuple[np.ndarray, list[int]]:
+    """Pomona's stages of ``layout`` in this process, chained: the first step's logits (float32)
+    and ``max_tokens`` greedy tokens, one decode step at a time as the pipeline runs them."""
+    from worker.stage import load_stage  # the system under test, not the oracle
+
+    last = len(layout) - 1
+    stages = [load_stage(model_path, s, e, i == 0, i == last) for i, (s, e) in enumerate(layout)]
+    caches = [stage.new_caches() for stage in stages]
+
+    def step(ids: list[int]) -> mx.array:
+        hidden = mx.array([ids], dtype=mx.int32)
+        for stage, stage_caches in zip(stages, caches):
+            hidden = stage.forward(hidden, stage_caches)
+        return stages[-1].logits(hidden)
+
+    logits = step(prompt_ids)
+    tokens = [int(mx.argmax(logits).item())]
+    while len(tokens) < max_tokens:
+        tokens.append(int(mx.argmax(step([tokens[-1]])).item()))
+    return np.array(logits.astype(mx.float32)), tokens
