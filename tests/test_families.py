@@ -92,3 +92,15 @@ def test_cluster_matches_mlx_lm(checkpoints, references, tmp_path, family, stage
         if experts is not None:
             stats = cluster.expert_stats()
             assert any(n.node == "c" and n.stats.layers for n in stats.nodes), "c computed nothing"
+
+
+def test_glm4_moe_lite_needs_array_masks_and_gets_them(tmp_path):
+    """An exception of the generic adapter (MLA attention, as DeepSeek-V3): stage chains of 2 and 3
+    stages still give mlx-lm's tokens."""
+    path = make_tiny_checkpoint("glm4_moe_lite", tmp_path / "glm4_moe_lite")
+    model, _ = load_model(path, lazy=True)
+    assert type(adapter_for(model, "glm4_moe_lite")) is EXCEPTIONS["glm4_moe_lite"]
+    prompt = load_tokenizer(path).encode(PROMPT)
+    expected = reference_generate(path, prompt, NEW_TOKENS)
+    for layout in LAYOUTS.values():
+        assert chain_generate(path, layout, prompt, NEW_TOKENS)[1] == expected

@@ -230,6 +230,23 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "mlp_bias": False,
     },
     "olmo2": {"num_hidden_layers": 4},
+    # MLA attention like DeepSeek-V3 (an exception of the generic adapter: array masks).
+    "glm4_moe_lite": {
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "moe_intermediate_size": 64,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 0,
+    },
     # A state-space model: its layers keep a recurrent state, so it cannot be split (test_errors).
     "mamba": {
         "num_hidden_layers": 2,

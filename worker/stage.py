@@ -4,8 +4,9 @@ weights those keep, and run them.
 
 Both checkpoint kinds go through mlx-lm's own model classes: a directory in the layout mlx-lm loads
 (weights stay lazy until the shard is evaluated, so the other layers are never read from disk), and a
-GGUF file (mapped to mlx-lm names by ``worker.gguf_loader``; tensors outside the shard are dropped as
-they are mapped).
+GGUF file (mapped to mlx-lm names by ``worker.gguf_loader``, which reads only the shard's tensors, each
+at its offset). What a stage needs from the model (layers, embedding, norm, head, caches, masks,
+expert modules) comes from its adapter (``worker.families``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ EXCEPTIONS: dict[str, type[StageAdapter]] = {
     "llama4": Llama4Adapter,
     # mlx-lm's backbones of these families build explicit array masks for their MLA attention.
     "deepseek_v3": ArrayMaskAdapter,
-    "deepseek_v32": ArrayMaskAdapter,
     "glm4_moe_lite": ArrayMaskAdapter,
 }
 

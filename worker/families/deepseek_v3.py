@@ -1,9 +1,10 @@
-"""DeepSeek-V3 (and the MLA families built like it): why the generic adapter is not enough.
+"""DeepSeek-V3 and GLM-4-MoE-Lite (MLA attention): why the generic adapter is not enough.
 
-mlx-lm's DeepseekV3Model builds its mask with ``create_attention_mask(..., return_array=True)``:
-its MLA attention adds the mask to the scores itself, so the "causal" shortcut the other families
-pass would not do. Everything else (embedding, layers, head, the routed experts in
-``mlp.switch_mlp``) follows the common shape.
+mlx-lm's backbones of these families build their mask with ``create_attention_mask(...,
+return_array=True)``: their MLA attention adds the mask to the scores itself, and the "causal"
+shortcut the other families pass fails there ("Invalid type str received in array
+initialization"). Everything else (embedding, layers, head, the routed experts) follows the
+common shape.
 """
 
 from mlx_lm.models.base import create_attention_mask
