@@ -19,6 +19,7 @@ from tiny_models import (
     reference_logits,
 )
 
+from pomona.errors import ModelError
 from pomona.modelinfo import describe_model
 from pomona.tokenizer import load_tokenizer
 from worker.families import EXCEPTIONS, StageAdapter, adapter_for
@@ -104,3 +105,12 @@ def test_glm4_moe_lite_needs_array_masks_and_gets_them(tmp_path):
     expected = reference_generate(path, prompt, NEW_TOKENS)
     for layout in LAYOUTS.values():
         assert chain_generate(path, layout, prompt, NEW_TOKENS)[1] == expected
+
+
+def test_family_code_that_cannot_embed_alone_fails_at_load(tmp_path):
+    """Llama 4's backbone trims its chunked caches in its own __call__: run without them, the
+    generic adapter's embedding fails, at load and with a message; hence its own adapter."""
+    model, _ = load_model(make_tiny_checkpoint("llama4", tmp_path / "llama4"), lazy=True)
+    with pytest.raises(ModelError, match="llama4: the family's own code cannot run the embedding"):
+        StageAdapter(model, "llama4").check_ends(is_first=True, is_last=False)
+    adapter_for(model, "llama4").check_ends(is_first=True, is_last=True)

@@ -224,4 +224,5 @@ def load_stage(
     else:
         raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
     _evaluate_with_progress(stage, progress)
+    stage.adapter.check_ends(is_first, is_last)
     return stage

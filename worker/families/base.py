@@ -135,7 +135,10 @@ class StageAdapter:
         if not norms:
             raise ModelError(f"{architecture}: the backbone {type(backbone).__name__} has no final norm")
         self.norm_name = norms[0]
-        heads = [n for n, v in self._parent().children().items() if isinstance(v, _LINEARS)]
+        # The output projection: a linear layer beside the backbone, mapping to the vocabulary.
+        vocab = backbone[self.embed_name].weight.shape[0]
+        heads = [n for n, v in self._parent().children().items()
+                 if isinstance(v, _LINEARS) and v.weight.shape[0] == vocab]  # fmt: skip
         self.head_path = None  # no output projection of its own: the head is the tied embedding
         if heads:
             self.head_path = f"{self.parent_path}.{heads[0]}" if self.parent_path else heads[0]
@@ -241,6 +244,22 @@ class StageAdapter:
             shell[self.backbone_name] = _Passthrough(self.embed_name, embedding)
             self._header = shell
         return self._header(self.backbone[self.norm_name](hidden))
+
+    def check_ends(self, is_first: bool, is_last: bool) -> None:
+        """Run the family's own embedding and head code once on one position, so that a family
+        whose code cannot run them apart from the layers fails at load, saying so."""
+        try:
+            if is_first:
+                mx.eval(self.embed(mx.array([[0]], dtype=mx.int32)))
+            if is_last:
+                width = self.backbone[self.norm_name].weight.shape[-1]
+                mx.eval(self.head(mx.zeros((1, 1, width))))
+        except Exception as error:  # whatever the family's code raises: reported, not served
+            end = "embedding" if is_first else "head"
+            raise ModelError(
+                f"{self.architecture}: the family's own code cannot run the {end} of a stage "
+                f"({type(error).__name__}: {error}); it needs an adapter in worker/families"
+            ) from error
 
     def make_cache(self, layer_index: int) -> Any:
         """A fresh cache of the kind the family's ``make_cache`` gives layer ``layer_index``."""
