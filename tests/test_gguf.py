@@ -18,6 +18,7 @@ from cluster_helpers import running_cluster
 from gguf import GGMLQuantizationType as Q
 from gguf_models import dequantized_checkpoint, write_gguf
 from layouts import PROMPT
+from mlx.utils import tree_flatten
 from tiny_models import _TRAINING_TEXT, chain_generate, make_tiny_checkpoint, reference_generate
 
 from pomona.errors import ModelError
@@ -25,7 +26,9 @@ from pomona.gguf_header import read_gguf_header
 from pomona.modelinfo import describe_model
 from pomona.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
 from worker import gguf_tensors, profiler
-from worker.stage import load_stage
+from worker.experts import ExpertStats
+from worker.families.base import child
+from worker.stage import load_expert_host, load_stage
 
 # mlx-lm family -> GGUF architecture it is filed under.
 FAMILIES = {"llama": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -87,12 +90,36 @@ def test_stage_reads_only_its_own_tensors(models, monkeypatch):
     assert len(read) == len(set(read))  # each tensor once
 
 
-def test_gguf_moe_on_a_cluster(models, tmp_path):
+def test_gguf_moe_on_a_cluster_with_experts_elsewhere(models, tmp_path):
+    """Two stages of a MoE GGUF, half of every layer's experts on a third, expert-only node."""
     _, path, prompt, expected = models["qwen3_moe"]
-    with running_cluster(tmp_path, path, 2, LAYOUTS[2]) as cluster:
+    experts = [{"node": "c", "layers": [0, 4], "experts": [0, 4]}]
+    with running_cluster(tmp_path, path, 3, LAYOUTS[2], experts) as cluster:
         summary = cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS)
         assert summary.prompt_tokens == len(prompt)
         assert list(summary.token_ids) == expected
+        stats = cluster.expert_stats()
+        assert any(n.node == "c" and n.stats.layers for n in stats.nodes), "c computed nothing"
+
+
+def test_gguf_expert_host_holds_exactly_its_rows(models, monkeypatch):
+    _, path, _, _ = models["mixtral"]
+    whole = load_stage(path, 0, 4, True, True)
+    module_path = whole.adapter.expert_module_path(2)
+    reference = dict(tree_flatten(child(whole.model, module_path).parameters()))
+    read = []
+    real_pread = os.pread
+    monkeypatch.setattr(gguf_tensors.os, "pread", lambda fd, n, o: read.append(n) or real_pread(fd, n, o))
+    host = load_expert_host(path, {2: [1, 6]}, ExpertStats())
+    module, local_index = host.modules[2]
+    held = dict(tree_flatten(module.parameters()))
+    assert held.keys() == reference.keys() and any(name.endswith("scales") for name in held)
+    for name, array in held.items():
+        assert mx.array_equal(array, reference[name][mx.array([1, 6])]).item(), name
+    assert list(local_index[[1, 6]]) == [0, 1]
+    expert_bytes = sum(t.nbytes for t in read_gguf_header(path).tensors if ".2.ffn_" in t.name
+                       and "_exps" in t.name) // 8  # fmt: skip
+    assert sum(read) == 2 * expert_bytes  # two experts' rows of the three projections, no more
 
 
 def test_profiler_reads_a_moe_gguf(models, tmp_path):

@@ -273,3 +273,28 @@ def _unpermute_qk(name: str, array: mx.array, config: dict[str, Any]) -> mx.arra
         .swapaxes(1, 2)
         .reshape(array.shape)
     )
+
+
+class GgufExpertIndex:
+    """Rows (experts) of a GGUF's stacked expert tensors, read by offset: the expert-parallel
+    counterpart of ``worker.experts.SafetensorsIndex`` (same ``read_rows``)."""
+
+    def __init__(self, path: Path, layout: GgufLayout):
+        self.path = path
+        # mlx-lm module name ("model.layers.1.mlp.switch_mlp.gate_proj") -> its GGUF tensor
+        self._tensors = {layout.modules[t.name].rpartition(".")[0]: t for t in layout.header.tensors}
+        self._last: tuple[str, tuple[int, ...], dict[str, mx.array]] | None = None
+
+    def read_rows(self, name: str, rows: list[int]) -> mx.array:
+        """Rows (along axis 0) of ``name`` (".weight", ".scales" or ".biases" of a module)."""
+        module, _, part = name.rpartition(".")
+        if module not in self._tensors:
+            raise ModelError(f"{self.path} has no tensor for {name}")
+        # weight, scales and biases of one module come from the same bytes: read them once.
+        if self._last is None or self._last[:2] != (module, tuple(rows)):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._last = module, tuple(rows), read_tensor(fd, self._tensors[module], rows)
+            finally:
+                os.close(fd)
+        return self._last[2][part]

@@ -25,13 +25,18 @@ QUANTIZED_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}
 _FLOATS = {T.F32: np.float32, T.F16: np.float16}
 
 
-def read_tensor(fd: int, tensor: GgufTensor) -> dict[str, mx.array]:
+def read_tensor(fd: int, tensor: GgufTensor, rows: list[int] | None = None) -> dict[str, mx.array]:
     """The tensor's arrays by suffix: {"weight"} for floats, {"weight", "scales", "biases"} for
-    the quantized types MLX keeps packed."""
-    raw = os.pread(fd, tensor.nbytes, tensor.offset)
-    if len(raw) != tensor.nbytes:
-        raise ModelError(f"GGUF tensor {tensor.name} is cut short: the file is truncated")
-    kind, shape = T(tensor.ggml_type), tensor.shape
+    the quantized types MLX keeps packed. ``rows``: only these rows along axis 0 (the experts of
+    a stacked expert tensor), each read on its own, in that order."""
+    shape = tensor.shape
+    if rows is None:
+        raw = _pread(fd, tensor.nbytes, tensor.offset, tensor.name)
+    else:
+        row_bytes = tensor.nbytes // shape[0]  # axis 0 is the slowest: each row is contiguous
+        raw = b"".join(_pread(fd, row_bytes, tensor.offset + r * row_bytes, tensor.name) for r in rows)
+        shape = (len(rows), *shape[1:])
+    kind = T(tensor.ggml_type)
     if kind in _FLOATS:
         return {"weight": mx.array(np.frombuffer(raw, _FLOATS[kind]).reshape(shape))}
     if kind == T.BF16:
@@ -40,6 +45,13 @@ def read_tensor(fd: int, tensor: GgufTensor) -> dict[str, mx.array]:
         return _affine(raw, kind, shape)
     blocks = np.frombuffer(raw, np.uint8).reshape(*shape[:-1], -1)
     return {"weight": mx.array(quants.dequantize(blocks, kind).astype(np.float16).reshape(shape))}
+
+
+def _pread(fd: int, length: int, offset: int, name: str) -> bytes:
+    raw = os.pread(fd, length, offset)
+    if len(raw) != length:
+        raise ModelError(f"GGUF tensor {name} is cut short: the file is truncated")
+    return raw
 
 
 def _affine(raw: bytes, kind: T, shape: tuple[int, ...]) -> dict[str, mx.array]:

@@ -119,7 +119,7 @@ def _load_directory(
     _check_layer_range(adapter.num_layers, start, end, path)
     adapter.keep_only(start, end, is_first, is_last)
     if plan is not None:
-        _distribute_experts(model, adapter, path, range(start, end), plan)
+        _distribute_experts(model, adapter, SafetensorsIndex(path), range(start, end), plan)
     return StageModel(model, adapter, architecture, start, end, is_first, is_last)
 
 
@@ -131,24 +131,25 @@ class ExpertPlan:
         self.held, self.remote, self.dispatcher = held, remote, dispatcher
 
 
-def _expert_module(model, adapter: StageAdapter, layer: int, path: Path) -> tuple[str, nn.Module]:
+def _expert_module(model, adapter: StageAdapter, layer: int) -> tuple[str, nn.Module]:
     module_path = adapter.expert_module_path(layer)
     module = child(model, module_path) if module_path else None
     if module is None:
         raise ModelError(
-            f"layer {layer} of the {adapter.architecture} model at {path} has no routed-expert "
+            f"layer {layer} of the {adapter.architecture} model has no routed-expert "
             "module of mlx-lm's switch_layers (SwitchGLU / SwitchMLP, called as experts(x, "
             "indices)); expert parallelism can only spread experts held that way"
         )
     return module_path, module
 
 
-def _distribute_experts(model, adapter: StageAdapter, path: Path, layers, plan: ExpertPlan) -> None:
-    index = SafetensorsIndex(path)
+def _distribute_experts(model, adapter: StageAdapter, index, layers, plan: ExpertPlan) -> None:
+    """Replace each split layer's expert module by a dispatching one holding only this node's
+    experts, read from ``index`` (safetensors or GGUF: ``read_rows``)."""
     for layer in layers:
         if layer not in plan.remote:
             continue  # dense layer, or every expert is here
-        module_path, module = _expert_module(model, adapter, layer, path)
+        module_path, module = _expert_module(model, adapter, layer)
         held = plan.held.get(layer, [])
         table = ExpertTable(expert_count(module), held, plan.remote[layer])
         if held:
@@ -162,13 +163,20 @@ def _distribute_experts(model, adapter: StageAdapter, path: Path, layers, plan: 
 def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: ExpertStats) -> ExpertHost:
     """The experts ``groups`` (layer -> expert ids) of the checkpoint at ``path``, and nothing else."""
     path = Path(path).expanduser()
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise ModelError(f"expert parallelism needs a checkpoint directory; {path} is not one")
-    model, adapter, _ = _lazy_model(path)
-    index = SafetensorsIndex(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_loader import GgufExpertIndex, read_layout
+
+        layout = read_layout(path)
+        model = layout.build()  # lazy: only the held experts are ever read
+        adapter, index = adapter_for(model, layout.config["model_type"]), GgufExpertIndex(path, layout)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, adapter, _ = _lazy_model(path)
+        index = SafetensorsIndex(path)
+    else:
+        raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
     modules = {}
     for layer, ids in sorted(groups.items()):
-        module_path, module = _expert_module(model, adapter, layer, path)
+        module_path, module = _expert_module(model, adapter, layer)
         num_experts = expert_count(module)
         if not ids or min(ids) < 0 or max(ids) >= num_experts:
             raise ModelError(f"expert ids {ids} are outside layer {layer}'s {num_experts} experts")
@@ -180,18 +188,28 @@ def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: Expe
     return ExpertHost(modules, stats)
 
 
-def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
-    from .gguf_loader import load_gguf, read_layout
+def _load_gguf(
+    path: Path, start: int, end: int, is_first: bool, is_last: bool, plan: ExpertPlan | None
+) -> StageModel:
+    from .gguf_loader import GgufExpertIndex, load_gguf, read_layout
 
     layout = read_layout(path)
-    model = layout.build()  # random init stays lazy: every kept parameter is loaded below
+    model = layout.build()  # random init stays lazy: every kept parameter is replaced below
     architecture = layout.config["model_type"]
     adapter = adapter_for(model, architecture)
     _check_layer_range(adapter.num_layers, start, end, path)
     adapter.keep_only(start, end, is_first, is_last)
     wanted = {name for name, _ in tree_flatten(model.parameters())}
+    if plan is not None:  # split layers' experts: only this node's rows, read below
+        split = [f"{adapter.expert_module_path(layer)}." for layer in plan.remote if start <= layer < end]
+        wanted = {name for name in wanted if not name.startswith(tuple(split))}
     checkpoint = load_gguf(path, keep=wanted.__contains__, layout=layout)  # only these are read
-    model.load_weights(list(checkpoint.weights.items()), strict=True)
+    missing = sorted(wanted - checkpoint.weights.keys())
+    if missing:
+        raise ModelError(f"{path} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    model.load_weights(list(checkpoint.weights.items()), strict=False)
+    if plan is not None:
+        _distribute_experts(model, adapter, GgufExpertIndex(path, layout), range(start, end), plan)
     model.eval()
     return StageModel(model, adapter, architecture, start, end, is_first, is_last)
 
@@ -216,9 +234,7 @@ def load_stage(
     with ``experts``, only the routed experts the plan gives this node."""
     path = Path(model_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        if experts is not None and experts.remote:
-            raise ModelError("expert parallelism needs a checkpoint directory, not a GGUF file")
-        stage = _load_gguf(path, start, end, is_first, is_last)
+        stage = _load_gguf(path, start, end, is_first, is_last, experts)
     elif path.is_dir() and (path / "config.json").is_file():
         stage = _load_directory(path, start, end, is_first, is_last, experts)
     else:
