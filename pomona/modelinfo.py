@@ -16,7 +16,9 @@ expert tensors of the layer (weights, scales, biases) divided by the expert coun
 still counts the whole layer, experts included; attention, the router and shared experts form the
 layer's non-expert part (`non_expert_bytes`), which always stays on the layer's stage node. A
 layer is MoE when it has routed-expert tensors: `.switch_mlp.` or `.experts.` in an mlx-lm name,
-`ffn_*_exps` (or per-expert `ffn_gate.E`) in a GGUF; the count comes from the config.
+`ffn_*_exps` (or per-expert `ffn_gate.E`) in a GGUF; the count comes from the config, or else from
+the stacked tensors' expert axis. (The worker finds the expert *module* by its type, see
+worker/families/base.py; the coordinator needs only these byte counts.)
 """
 
 from __future__ import annotations
