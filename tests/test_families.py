@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from cluster_helpers import running_cluster
 from layouts import PROMPT
+from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 from tiny_models import (
     EXTRA_FAMILIES,
@@ -23,6 +24,7 @@ from pomona.errors import ModelError
 from pomona.modelinfo import describe_model
 from pomona.tokenizer import load_tokenizer
 from worker.families import EXCEPTIONS, StageAdapter, adapter_for
+from worker.stage import load_stage
 
 NEW_TOKENS = 8
 # Every extra family has 4 layers. gemma3_text, mistral and gpt_oss alternate sliding-window and
@@ -114,3 +116,28 @@ def test_family_code_that_cannot_embed_alone_fails_at_load(tmp_path):
     with pytest.raises(ModelError, match="llama4: the family's own code cannot run the embedding"):
         StageAdapter(model, "llama4").check_ends(is_first=True, is_last=False)
     adapter_for(model, "llama4").check_ends(is_first=True, is_last=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gpt_oss", "granitemoe"])
+def test_each_stage_holds_exactly_its_shard(checkpoints, family):
+    """Layers by index, the embedding on the first stage (and the last, when tied), norm and head
+    on the last: nothing else is kept (tied qwen2, gemma3's head, gpt_oss's sinks and biases)."""
+    full, _ = load_model(checkpoints[family], lazy=True)
+    names = {name for name, _ in tree_flatten(full.parameters())}
+    tied = adapter_for(full, family).tied_embeddings
+    layout = LAYOUTS[3]
+    for index, (start, end) in enumerate(layout):
+        first, last = index == 0, index == len(layout) - 1
+        stage = load_stage(checkpoints[family], start, end, first, last)
+        expected = set()
+        for name in names:
+            parts = name.split(".")
+            if "layers" in parts:
+                keep = start <= int(parts[parts.index("layers") + 1]) < end
+            elif "embed_tokens" in parts:
+                keep = first or (last and tied)
+            else:  # final norm, lm_head
+                keep = last
+            if keep:
+                expected.add(name)
+        assert stage.parameter_names() == expected, f"stage {index}"

@@ -159,15 +159,19 @@ def test_tensor_reader_matches_mx_load(tmp_path, kind):
         os.close(fd)
 
 
-def test_unsupported_gguf_architecture(tmp_path):
+@pytest.mark.parametrize("architecture, tensor, message", [
+    ("falcon", "token_embd.weight", "GGUF architecture 'falcon' is not supported"),
+    ("llama", "blk.0.ffn_gate.3.weight", "stores each expert as its own tensor"),
+])  # fmt: skip
+def test_unservable_gguf(tmp_path, architecture, tensor, message):
     path = tmp_path / "other.gguf"
-    writer = gguf.GGUFWriter(str(path), "falcon")
-    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor(tensor, np.zeros((8, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelError, match="GGUF architecture 'falcon' is not supported"):
+    with pytest.raises(ModelError, match=message):
         load_stage(path, 0, 1, True, True)
 
 
