@@ -201,7 +201,9 @@ def gguf_config(metadata: dict[str, Any], tensors: dict[str, GgufTensor]) -> dic
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     experts = int(get("expert_count", 0))
     if experts:
-        top_k = int(get("expert_used_count"))
+        top_k = int(get("expert_used_count", 0))
+        if top_k < 1:
+            raise ModelError(f"the GGUF has {experts} experts per layer but no {arch}.expert_used_count")
         expert_width = int(get("expert_feed_forward_length", config["intermediate_size"]))
         if arch == "llama":  # Mixtral: every layer MoE, experts as wide as the dense FFN
             config.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=top_k,
