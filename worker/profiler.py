@@ -270,6 +270,7 @@ def _measure(checkpoint: _Checkpoint, chunk: int, short: int, long: int, budget_
         _randomize(model, backbone[name], f"{adapter.backbone_path}.{name}", float_dtype)
     if adapter.head_path is not None:
         _randomize(model, child(model, adapter.head_path), adapter.head_path, float_dtype)
+    adapter.check_ends(is_first=True, is_last=True)  # a family whose ends cannot run apart: say so
     token = mx.array([[1]], dtype=mx.int32)
     embed_s = clock.time(lambda: mx.eval(adapter.embed(token)))
     embedded = adapter.embed(token)  # [1, 1, D]: the activations' width and dtype
