@@ -1,4 +1,4 @@
-"""Reading a GGUF file's header — metadata and tensor sizes — without its tensor data.
+"""Reading a GGUF file's header — metadata and where each tensor lies — without its tensor data.
 
 Our own small reader, shared by the model description and the tokenizer: ``gguf.GGUFReader``
 materializes every metadata array and tensor header (seconds for a 49k-entry vocabulary), and
@@ -24,9 +24,25 @@ _SKIPPED = object()
 
 
 @dataclass(frozen=True)
+class GgufTensor:
+    """Where one tensor lies in the file: read ``nbytes`` from ``offset`` to get its data."""
+
+    name: str
+    shape: tuple[int, ...]  # row-major (numpy/MLX) order: GGUF lists ne0 (the row length) first
+    ggml_type: int  # gguf.GGMLQuantizationType value
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class GgufHeader:
     metadata: dict[str, Any]  # arrays are lists, or absent when read with skip_arrays
-    tensor_bytes: list[tuple[str, int]]  # (tensor name, bytes of its data), in file order
+    tensors: list[GgufTensor]  # in file order
+
+    @property
+    def tensor_bytes(self) -> list[tuple[str, int]]:
+        """(tensor name, bytes of its data), in file order."""
+        return [(t.name, t.nbytes) for t in self.tensors]
 
 
 class _Cursor:
@@ -87,18 +103,23 @@ def read_gguf_header(path: Path, skip_arrays: bool = False) -> GgufHeader:
                 value = cursor.value(value_type, skip_arrays)
                 if value is not _SKIPPED:
                     metadata[key] = value
-            tensors = []
+            entries = []
             for _ in range(tensor_count):
                 name = cursor.string()
                 (dims,) = cursor.take("I")
                 shape = cursor.take(f"{dims}Q")
-                (tensor_type,) = cursor.take("I")
-                cursor.offset += 8  # data offset: not needed to size the tensor
+                tensor_type, relative_offset = cursor.take("IQ")
                 elements = 1
                 for size in shape:
                     elements *= size
                 block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
-                tensors.append((name, elements // block_size * type_size))
+                entries.append((name, tuple(reversed(shape)), tensor_type, relative_offset,
+                                elements // block_size * type_size))  # fmt: skip
+            # Tensor data starts at the next multiple of the alignment after the tensor table.
+            alignment = int(metadata.get("general.alignment", 32))
+            data_start = -(-cursor.offset // alignment) * alignment
+            tensors = [GgufTensor(name, shape, kind, data_start + offset, size)
+                       for name, shape, kind, offset, size in entries]  # fmt: skip
     except (OSError, ValueError, KeyError, struct.error) as error:
         raise ModelError(f"{path} is not a readable GGUF file (truncated or corrupt: {error})") from None
     return GgufHeader(metadata, tensors)

@@ -16,7 +16,9 @@ expert tensors of the layer (weights, scales, biases) divided by the expert coun
 still counts the whole layer, experts included; attention, the router and shared experts form the
 layer's non-expert part (`non_expert_bytes`), which always stays on the layer's stage node. A
 layer is MoE when it has routed-expert tensors: `.switch_mlp.` or `.experts.` in an mlx-lm name,
-`ffn_*_exps` (or per-expert `ffn_gate.E`) in a GGUF; the count comes from the config.
+`ffn_*_exps` (or per-expert `ffn_gate.E`) in a GGUF; the count comes from the config, or else from
+the stacked tensors' expert axis. (The worker finds the expert *module* by its type, see
+worker/families/base.py; the coordinator needs only these byte counts.)
 """
 
 from __future__ import annotations
@@ -43,18 +45,9 @@ _FINAL_NORM_NAME = re.compile(r"(?:^|\.)norm\.(?:weight|bias)$")
 _EXPERT_NAME = re.compile(r"\.(?:switch_mlp|experts)\.")
 _PER_EXPERT_NAME = re.compile(r"\.experts\.\d+\.")  # Hugging Face: one tensor per expert
 _GGUF_EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(?:[a-z_]+_exps\.|(?:gate|up|down)\.\d+\.)")
-# Where config.json gives the routed-expert count, by family (first key present wins).
-_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# mlx-lm's expert module (a SwitchGLU) inside each family's MoE layer.
-_EXPERT_MODULES = {
-    "mixtral": "model.layers.{layer}.block_sparse_moe.switch_mlp",
-    "qwen3_moe": "model.layers.{layer}.mlp.switch_mlp",
-    "qwen2_moe": "model.layers.{layer}.mlp.switch_mlp",
-    "deepseek_v3": "model.layers.{layer}.mlp.switch_mlp",
-    "deepseek_v2": "model.layers.{layer}.mlp.switch_mlp",
-    "llama4": "language_model.model.layers.{layer}.feed_forward.experts",
-}
-
+# Where config.json gives the routed-expert count (first key present wins); without one, the
+# stacked expert tensors' first axis is the count.
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -112,22 +105,11 @@ def _shape_facts(config: dict) -> dict[str, int]:
     else:
         per_token = 2 * kv_heads * head_dim
     top_k = 0
-    for key in ("num_experts_per_tok", "num_experts_per_token", "moe_top_k"):
+    for key in ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk", "moe_k"):
         if isinstance(config.get(key), int):
             top_k = config[key]
             break
     return {"hidden_size": hidden, "experts_per_token": top_k, "kv_bytes_per_token": 2 * per_token}
-
-
-def expert_module_path(architecture: str, layer: int) -> str:
-    """Dotted path of layer `layer`'s routed-expert module (mlx-lm's SwitchGLU) in the model,
-    e.g. "model.layers.3.block_sparse_moe.switch_mlp" for mixtral."""
-    if architecture not in _EXPERT_MODULES:
-        raise ModelError(
-            f"expert parallelism does not know the {architecture!r} family; it supports "
-            + ", ".join(sorted(_EXPERT_MODULES))
-        )
-    return _EXPERT_MODULES[architecture].format(layer=layer)
 
 
 def _experts(
@@ -336,6 +318,8 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
                 f"{config_path} gives {counts[0]} experts per MoE layer but {name} stacks "
                 f"{length}; the config does not match the weights"
             )
+    if not counts and len(stacked) == 1:
+        counts = list(stacked)  # the stacked tensors say how many experts there are
     num_experts, moe_layers, expert_bytes = _experts(
         config_path, counts[0] if counts else 0, layer_expert_bytes
     )

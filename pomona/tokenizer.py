@@ -2,9 +2,10 @@
 
 A model's tokenizer comes from one of two places:
 
-- a GGUF file: llama.cpp stores the vocabulary, merges, special-token ids and chat template as
-  metadata; we rebuild the byte-level BPE tokenizer they describe with the ``tokenizers`` library
-  (the way llama.cpp tokenizes, which matched it on every string tried);
+- a GGUF file: llama.cpp stores the vocabulary, merges (or SentencePiece scores), special-token
+  ids and chat template as metadata; we rebuild the byte-level BPE or SentencePiece tokenizer they
+  describe with the ``tokenizers`` library (byte-level BPE matched llama.cpp on every string
+  tried; SentencePiece matches the ``sentencepiece`` library in the tests);
 - a checkpoint directory: ``tokenizer.json`` plus ``tokenizer_config.json`` (and ``config.json``,
   ``generation_config.json``, ``chat_template.jinja`` / ``chat_template.json`` when present).
 
@@ -26,7 +27,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from pomona.errors import ModelError
 from pomona.gguf_header import read_gguf_header
@@ -193,29 +194,37 @@ def load_tokenizer(model_path: Path) -> Tokenizer:
 
 
 def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer llama.cpp describes in GGUF metadata (byte-level BPE only)."""
+    """Rebuild the tokenizer llama.cpp describes in GGUF metadata: byte-level BPE ("gpt2") or
+    SentencePiece BPE with byte fallback ("llama")."""
     tokenizer_model = metadata.get("tokenizer.ggml.model")
-    if tokenizer_model != "gpt2":
-        # "llama" is SentencePiece (scores, byte fallback), which needs a different construction.
-        raise ModelError(
-            f"GGUF tokenizer model {tokenizer_model!r} is not supported "
-            "(only byte-level BPE, 'gpt2', is)"
-        )
-    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", ())]
+    tokens: list[str] = list(metadata.get("tokenizer.ggml.tokens") or ())
+    if not tokens:
+        raise ModelError("the GGUF has no vocabulary (tokenizer.ggml.tokens)")
+    token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if len(token_types) != len(tokens):
+        raise ModelError(f"GGUF has {len(tokens)} tokens but {len(token_types)} token types")
     # A duplicate spelling keeps its first id, as llama.cpp's text -> token map does.
     vocab: dict[str, int] = {}
     for token_id, token in enumerate(tokens):
         vocab.setdefault(token, token_id)
-    backend = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-    )
-    backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "gpt-2"))
-    backend.decoder = decoders.ByteLevel()
+    if tokenizer_model == "gpt2":
+        merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", ())]
+        backend = tokenizers.Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+        )
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "gpt-2"))
+        backend.decoder = decoders.ByteLevel()
+        # llama.cpp's default for a BPE vocabulary that does not say is not to add BOS.
+        add_bos_default = False
+    elif tokenizer_model == "llama":
+        backend = _sentencepiece_backend(metadata, tokens, vocab, token_types)
+        add_bos_default = True  # llama.cpp's default for a SentencePiece vocabulary
+    else:
+        raise ModelError(
+            f"GGUF tokenizer model {tokenizer_model!r} is not supported "
+            "(supported: 'gpt2', byte-level BPE, and 'llama', SentencePiece)"
+        )
 
-    token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(token_types) != len(tokens):
-        raise ModelError(f"GGUF has {len(tokens)} tokens but {len(token_types)} token types")
     typed = list(zip(tokens, token_types, strict=True))
     control = [t for t, kind in typed if kind == _TOKEN_TYPE_CONTROL]
     user_defined = [t for t, kind in typed if kind == _TOKEN_TYPE_USER_DEFINED]
@@ -241,10 +250,47 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
         bos_token=bos_token,
         eos_token=eos_token,
         chat_template=metadata.get("tokenizer.chat_template"),
-        # llama.cpp's default for a BPE vocabulary that does not say is not to add BOS.
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         use_post_processor=False,
     )
+
+
+def _sentencepiece_backend(
+    metadata: dict[str, Any], tokens: list[str], vocab: dict[str, int], token_types: list[int]
+) -> tokenizers.Tokenizer:
+    """SentencePiece BPE as llama.cpp runs it: the pair whose merged piece scores highest merges
+    first, unknown characters fall back to <0xXX> byte tokens, spaces are "▁" (with one in front
+    of the text unless ``add_space_prefix`` is false)."""
+    scores = list(metadata.get("tokenizer.ggml.scores") or ())
+    if len(scores) != len(tokens):
+        raise ModelError(f"GGUF has {len(tokens)} tokens but {len(scores)} scores")
+    # Merges from scores, as transformers rebuilds them for a GGUF: every split of a piece into
+    # two pieces of the vocabulary, ranked by the merged piece's score.
+    normal = {t for t, kind in zip(tokens, token_types) if kind == 1}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        if piece not in normal:
+            continue
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))
+                  if piece[:i] in vocab and piece[i:] in vocab]  # fmt: skip
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, score) for left, right in splits]
+    merges.sort(key=lambda merge: merge[2], reverse=True)  # stable: ties keep vocabulary order
+    unknown_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unknown = tokens[int(unknown_id)] if unknown_id is not None else None
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab=vocab, merges=[(left, right) for left, right, _ in merges], unk_token=unknown,
+        fuse_unk=True, byte_fallback=True,
+    ))
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("▁")] if prefix else []) + [normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prefix else [])
+    )
+    return backend
 
 
 def _tokenizer_from_directory(directory: Path) -> Tokenizer:

@@ -212,3 +212,17 @@ def test_bad_requests(tmp_path, model_dir):
         assert again.returncode != 0 and "already running" in again.stderr
         ok = pomona("generate", "--raw", "--max-tokens", "3", "--json", "hi", cwd=tmp_path)
         assert ok.returncode == 0 and '"generated_tokens": 3' in ok.stdout
+
+
+def test_family_that_cannot_be_split(tmp_path):
+    """A state-space model (mamba): its layers are not called as (hidden, mask, cache), so no stage
+    can run them alone; `up` says so in one line and leaves nothing behind."""
+    model = make_tiny_checkpoint("mamba", tmp_path / "mamba")
+    p0, p1 = free_ports(2)
+    template = "model: {model}\ncoordinator: {{host: 127.0.0.1, port: {p0}}}\nnodes:\n  - " + _node("a", "p1")
+    (tmp_path / "cluster.yaml").write_text(template.format(model=model, p0=p0, p1=p1))
+    result = pomona("up", "cluster.yaml", cwd=tmp_path, timeout_s=120)
+    assert result.returncode != 0
+    assert "layer 0 (ResidualBlock) is called as (x, cache), not (hidden, mask, cache)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert processes_using(str(tmp_path)) == [] and processes_using(f"--port {p1}") == []

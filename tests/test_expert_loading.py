@@ -12,7 +12,7 @@ from tiny_models import make_tiny_checkpoint
 
 from worker.experts import DistributedSwitchGLU, ExpertStats
 from worker.families import adapter_for
-from worker.families.base import child
+from worker.families.base import child, expert_count
 from worker.stage import ExpertPlan, load_expert_host, load_stage
 
 
@@ -26,10 +26,10 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _moe_layers(family, full):
-    adapter = adapter_for(family)
+    adapter = adapter_for(full, family)
     return [
-        layer for layer in range(adapter.num_layers(full))
-        if child(full, adapter.expert_module_path(layer)) is not None
+        layer for layer in range(adapter.num_layers)
+        if adapter.expert_module_path(layer) is not None
     ]
 
 
@@ -39,7 +39,7 @@ def _params(module) -> dict[str, mx.array]:
 
 def test_expert_host_holds_exactly_its_slices(checkpoint):
     family, path, full = checkpoint
-    adapter = adapter_for(family)
+    adapter = adapter_for(full, family)
     first, last = _moe_layers(family, full)[0], _moe_layers(family, full)[-1]
     groups = {first: [1, 3], last: [0]}
     host = load_expert_host(path, groups, ExpertStats())
@@ -59,14 +59,14 @@ def test_expert_host_holds_exactly_its_slices(checkpoint):
 
 def test_stage_keeps_only_its_local_experts(checkpoint):
     family, path, full = checkpoint
-    adapter = adapter_for(family)
+    adapter = adapter_for(full, family)
     layers = _moe_layers(family, full)
     split = layers[0]
-    num_experts = child(full, adapter.expert_module_path(split)).gate_proj.num_experts
+    num_experts = expert_count(child(full, adapter.expert_module_path(split)))
     plan = ExpertPlan(
         held={split: [0]}, remote={split: {"b": list(range(1, num_experts))}}, dispatcher=None
     )
-    stage = load_stage(path, 0, adapter.num_layers(full), True, True, experts=plan)
+    stage = load_stage(path, 0, adapter.num_layers, True, True, experts=plan)
     module = child(stage.model, adapter.expert_module_path(split))
     assert isinstance(module, DistributedSwitchGLU)
     reference = _params(child(full, adapter.expert_module_path(split)))

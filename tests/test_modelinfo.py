@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pomona.errors import ModelError
-from pomona.modelinfo import ModelInfo, describe_model, expert_module_path
+from pomona.modelinfo import ModelInfo, describe_model
 
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
 
@@ -328,18 +328,19 @@ def test_hugging_face_per_expert_names_count_as_experts(tmp_path: Path) -> None:
         describe_model(str(tmp_path / "m"))
 
 
-@pytest.mark.parametrize(
-    "count, message",
-    [(None, "gives no expert count"), (8, "gives 8 experts per MoE layer but model.layers.0.")],
-    ids=["no-count", "count-differs-from-stacked-axis"],
-)
-def test_checkpoint_expert_errors(tmp_path: Path, count: int | None, message: str) -> None:
-    config = {"model_type": "mixtral", "num_hidden_layers": 2}
-    if count is not None:
-        config["num_local_experts"] = count
+def test_checkpoint_expert_count_differs_from_stacked_axis(tmp_path: Path) -> None:
+    config = {"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 8}
     tensors = moe_tensors("", 2, {0, 1}, "block_sparse_moe.switch_mlp", {})
-    with pytest.raises(ModelError, match=message):
+    with pytest.raises(ModelError, match="gives 8 experts per MoE layer but model.layers.0."):
         describe_model(str(make_checkpoint(tmp_path / "m", config, tensors)))
+
+
+def test_checkpoint_expert_count_from_the_stacked_axis(tmp_path: Path) -> None:
+    """A family whose config names its expert count otherwise: the stacked tensors give it."""
+    config = {"model_type": "somemoe", "num_hidden_layers": 2, "n_experts_here": EXPERTS}
+    tensors = moe_tensors("", 2, {0, 1}, "mlp.switch_mlp", {})
+    info = describe_model(str(make_checkpoint(tmp_path / "m", config, tensors)))
+    assert (info.num_experts, info.moe_layers) == (EXPERTS, (0, 1))
 
 
 def test_gguf_stacked_experts(tmp_path: Path) -> None:
@@ -363,24 +364,6 @@ def test_gguf_stacked_experts(tmp_path: Path) -> None:
     assert (info.architecture, info.num_experts, info.moe_layers) == ("mixtral", EXPERTS, (0, 1))
     assert info.expert_bytes == (3 * 256,) * 2
     assert info.non_expert_bytes(0) == 16 * 16 * 4 + EXPERTS * 16 * 4  # attention + router
-
-
-@pytest.mark.parametrize(
-    "architecture, layer, path",
-    [
-        ("mixtral", 3, "model.layers.3.block_sparse_moe.switch_mlp"),
-        ("qwen3_moe", 0, "model.layers.0.mlp.switch_mlp"),
-        ("deepseek_v3", 2, "model.layers.2.mlp.switch_mlp"),
-        ("llama4", 5, "language_model.model.layers.5.feed_forward.experts"),
-    ],
-)
-def test_expert_module_path(architecture: str, layer: int, path: str) -> None:
-    assert expert_module_path(architecture, layer) == path
-
-
-def test_expert_module_path_unknown_family() -> None:
-    with pytest.raises(ModelError, match="does not know the 'llama' family; it supports"):
-        expert_module_path("llama", 0)
 
 
 def test_model_info_rejects_inconsistent_expert_fields() -> None:

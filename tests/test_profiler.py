@@ -164,7 +164,7 @@ def test_deepseek_keeps_its_correction_bias_in_float32(tmp_path):
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert checkpoint.float_dtype(model, bias) == mx.float32
     assert checkpoint.float_dtype(model, "model.layers.1.input_layernorm.weight") == mx.bfloat16
-    assert child(model, adapter_for("deepseek_v3").expert_module_path(1)) is not None
+    assert child(model, adapter_for(model, "deepseek_v3").expert_module_path(1)) is not None
 
 
 def test_measure_repeats_fewer_times_when_the_budget_is_short():

@@ -1,30 +1,30 @@
 """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF): clusters of 1, 2 and 3 stages with
-uneven splits generate exactly single-process mlx-lm's greedy tokens for a chat prompt."""
+uneven splits generate exactly the greedy tokens of single-process mlx-lm.
+
+The reference shares nothing with Pomona's GGUF loader: the ``gguf`` package dequantizes the file
+into an mlx-lm checkpoint directory (tests/gguf_models.py) that ``mlx_lm.utils.load_model`` loads.
+"""
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 from cluster_helpers import running_cluster
-from mlx_lm.generate import generate_step
+from gguf_models import dequantized_checkpoint, llama_config
+from tiny_models import reference_generate
 
 from pomona.fetch import fetch_default_model
 from pomona.tokenizer import load_tokenizer
-from worker.gguf_loader import build_model, load_gguf
 
 QUESTION = "What is the capital of France?"
 NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(tmp_path_factory):
     path = fetch_default_model(quiet=True)
     prompt = load_tokenizer(path).encode_chat([{"role": "user", "content": QUESTION}])
-    model = build_model(load_gguf(path))
-    steps = generate_step(mx.array(prompt), model, sampler=lambda x: mx.argmax(x, axis=-1))
-    expected = [int(token) for token, _ in (next(steps) for _ in range(NEW_TOKENS))]
-    del model
-    return path, expected
+    reference = dequantized_checkpoint(path, llama_config(path), tmp_path_factory.mktemp("smollm2"))
+    return path, reference_generate(reference, prompt, NEW_TOKENS)
 
 
 @pytest.mark.parametrize(

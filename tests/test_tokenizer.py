@@ -166,7 +166,7 @@ def test_gguf_byte_level_matches_tokenizer_json(
     assert tokenizer.encode_chat(CONVERSATION) == backend.encode(prompt).ids
 
 
-@pytest.mark.parametrize(("model", "pre", "named"), [("llama", "default", "'llama'"),
+@pytest.mark.parametrize(("model", "pre", "named"), [("t5", "default", "'t5'"),
                                                      ("gpt2", "made-up", "'made-up'")])
 def test_gguf_unsupported_tokenizer(
     tmp_path: Path, backend: tokenizers.Tokenizer, model: str, pre: str, named: str

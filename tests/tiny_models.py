@@ -9,7 +9,6 @@ the distributed paths must reproduce them (greedy tokens identical, logits allcl
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 from pathlib import Path
@@ -20,10 +19,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.generate import generate_step
-from mlx_lm.utils import load_model
+from mlx_lm.utils import _get_classes, load_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# The families with hand-checked layouts in tests/layouts.py; EXTRA_FAMILIES run through the
+# generic stage adapter (tests/test_families.py).
 FAMILIES = ("llama", "llama4", "mixtral", "qwen3_moe", "deepseek_v3")
+EXTRA_FAMILIES = (
+    "qwen2", "qwen3", "qwen2_moe", "gemma3_text", "phi3", "mistral", "glm4_moe", "olmoe",
+    "gpt_oss", "granitemoe", "phimoe", "minimax", "granite", "olmo2",
+)  # fmt: skip
+# MoE families among EXTRA_FAMILIES (every one holds SwitchGLU experts).
+EXTRA_MOE_FAMILIES = ("qwen2_moe", "glm4_moe", "olmoe", "gpt_oss", "granitemoe", "phimoe", "minimax")
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_TOKEN = "<|im_end|>"
@@ -124,8 +131,135 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
         "rope_scaling": None,
     },
+    # --- families served by the generic stage adapter (no file of their own) ----------------
+    "qwen2": {"num_hidden_layers": 4, "tie_word_embeddings": True},
+    "qwen3": {"num_hidden_layers": 4},
+    "qwen2_moe": {
+        # Shared expert behind a sigmoid gate, plus softmax top-k routed experts.
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "shared_expert_intermediate_size": 64,
+    },
+    "gemma3_text": {
+        # Sliding-window layers (a rotating cache) with a global layer every 2nd; embeddings
+        # scaled by sqrt(hidden_size); the window is shorter than the test prompt.
+        "num_hidden_layers": 4,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 16,
+        "rope_local_base_freq": 10000.0,
+    },
+    "phi3": {"num_hidden_layers": 4},  # fused qkv and gate_up projections
+    # Mistral loads as mlx-lm's llama (MODEL_REMAPPING), here with sliding-window layers.
+    "mistral": {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 8,
+    },
+    "glm4_moe": {
+        # Layer 0 dense; grouped sigmoid routing with a correction bias and a shared expert.
+        "num_hidden_layers": 4,
+        "moe_intermediate_size": 64,
+        "norm_topk_prob": True,
+        "n_group": 2,
+        "topk_group": 1,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "routed_scaling_factor": 1.5,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "use_qk_norm": True,
+        "attention_bias": False,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": None,
+    },
+    "olmoe": {
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "norm_topk_prob": False,
+    },
+    "gpt_oss": {
+        # Attention sinks, alternating sliding/full attention, biased SwiGLU experts.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    "granitemoe": {
+        # Embedding multiplier, residual and attention multipliers, logits scaling.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+    },
+    "phimoe": {
+        # LayerNorms with biases, a biased lm_head, sparsemixer top-2 routing.
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "original_max_position_embeddings": 2048,
+        "rope_scaling": None,
+    },
+    "minimax": {
+        "num_hidden_layers": 4,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "shared_intermediate_size": 0,
+        "rotary_dim": 8,
+    },
+    "granite": {
+        "num_hidden_layers": 4,
+        "logits_scaling": 2.0,
+        "attention_multiplier": 0.25,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "olmo2": {"num_hidden_layers": 4},
+    # MLA attention like DeepSeek-V3 (an exception of the generic adapter: array masks).
+    "glm4_moe_lite": {
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "moe_intermediate_size": 64,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 0,
+    },
+    # A state-space model: its layers keep a recurrent state, so it cannot be split (test_errors).
+    "mamba": {
+        "num_hidden_layers": 2,
+        "state_size": 16,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 8,
+        "tie_word_embeddings": True,
+    },
 }
 
+_EMBEDDINGS = ("embed_tokens", "embeddings")  # token embedding module names (mamba: embeddings)
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -149,7 +283,7 @@ def build_tokenizer() -> Tokenizer:
 
 def _build_config(family: str, num_layers: int | None, overrides: dict[str, Any]) -> dict:
     if family not in _FAMILY_CONFIGS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + EXTRA_FAMILIES}")
     args = {**_COMMON, **_FAMILY_CONFIGS[family], **overrides}
     if num_layers is not None:
         args["num_hidden_layers"] = num_layers
@@ -176,7 +310,7 @@ def _reinitialise(model: nn.Module) -> None:
         elif leaf == "e_score_correction_bias":
             # Small, so DeepSeek's bias-corrected selection differs a little from raw scores.
             new = 0.05 * mx.random.normal(value.shape)
-        elif module_name.endswith("embed_tokens"):
+        elif module_name.endswith(_EMBEDDINGS):
             new = EMBEDDING_STD * mx.random.normal(value.shape)
         elif name == head:
             new = HEAD_STD * mx.random.normal(value.shape)
@@ -188,11 +322,11 @@ def _reinitialise(model: nn.Module) -> None:
     # The residual stream still carries the input token's embedding, so the head favours
     # "x follows x" and greedy decoding settles on one repeated token. Lean the head away from
     # the embedding; a tied head cannot lean, so flip the final norm's sign instead.
-    embed = next(k for k in params if k.endswith("embed_tokens.weight"))
+    embed = next(k for k in params if k.endswith(tuple(f"{e}.weight" for e in _EMBEDDINGS)))
     if head is not None:
         params[head] = params[head] - SELF_PENALTY * params[embed]
     else:
-        final_norm = next(k for k in params if k.endswith("model.norm.weight"))
+        final_norm = next(k for k in params if k.endswith(("model.norm.weight", "norm_f.weight")))
         params[final_norm] = -params[final_norm]
     model.update(tree_unflatten(list(params.items())))
 
@@ -236,8 +370,8 @@ def make_tiny_checkpoint(
     config.update(eos_token_id=eos_token_id, torch_dtype=dtype)
 
     mx.random.seed(seed)
-    family_module = importlib.import_module(f"mlx_lm.models.{family}")
-    model = family_module.Model(family_module.ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)  # mlx-lm's own remapping (mistral -> llama)
+    model = model_class(args_class.from_dict(config))
     _reinitialise(model)
     _cast(model, _DTYPES[dtype])
     if quantize_bits is not None:
@@ -295,3 +429,27 @@ def reference_logits(model_dir: Path, token_ids: list[int]) -> np.ndarray:
     model, _ = load_model(Path(model_dir))
     logits = model(mx.array([token_ids], dtype=mx.uint32))  # [1, L, vocab]
     return np.array(logits[0, -1].astype(mx.float32))
+
+
+def chain_generate(
+    model_path: Path, layout: list[tuple[int, int]], prompt_ids: list[int], max_tokens: int
+) -> tuple[np.ndarray, list[int]]:
+    """Pomona's stages of ``layout`` in this process, chained: the first step's logits (float32)
+    and ``max_tokens`` greedy tokens, one decode step at a time as the pipeline runs them."""
+    from worker.stage import load_stage  # the system under test, not the oracle
+
+    last = len(layout) - 1
+    stages = [load_stage(model_path, s, e, i == 0, i == last) for i, (s, e) in enumerate(layout)]
+    caches = [stage.new_caches() for stage in stages]
+
+    def step(ids: list[int]) -> mx.array:
+        hidden = mx.array([ids], dtype=mx.int32)
+        for stage, stage_caches in zip(stages, caches):
+            hidden = stage.forward(hidden, stage_caches)
+        return stages[-1].logits(hidden)
+
+    logits = step(prompt_ids)
+    tokens = [int(mx.argmax(logits).item())]
+    while len(tokens) < max_tokens:
+        tokens.append(int(mx.argmax(step([tokens[-1]])).item()))
+    return np.array(logits.astype(mx.float32)), tokens

@@ -1,22 +1,22 @@
-"""GGUF checkpoints -> mlx-lm parameter names, config and per-module quantization.
+"""GGUF checkpoints -> mlx-lm models: the config, parameter names and quantization of each
+architecture, and only the tensors a stage keeps, each read by offset (``worker.gguf_tensors``).
 
-``mx.load`` reads GGUF natively: Q4_0/Q4_1/Q8_0 tensors arrive already in MLX's affine
-quantized layout (packed uint32 ``weight`` + ``scales`` + ``biases``), so no dequantization is
-needed. What is left is (1) renaming llama.cpp's tensors to mlx-lm's, (2) deriving a
-config.json-style dict from the metadata, (3) inferring each module's bits and group size from
-its packed shapes (they differ per module: SmolLM2's token embedding is Q8_0, the rest Q4_1), and
-(4) undoing llama.cpp's q/k row permutation.
+Architectures (``general.architecture``): ``llama`` (Mixtral too: llama.cpp files it as llama with
+``llama.expert_count``), ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe``. Each is built with
+mlx-lm's own class for the family (llama, mixtral, qwen2, qwen3, qwen2_moe, qwen3_moe) from a
+config.json-style dict derived from the metadata. Quantization is per module, from each tensor's
+GGML type (SmolLM2's token embedding is Q8_0, the rest Q4_1).
 
-The q/k choice: we *undo* the permutation and build mlx-lm's llama with
-``rope_traditional=False``, so that weights from a GGUF and from an HF/mlx-lm safetensors
-checkpoint have the same layout and the same model code serves both. (Keeping raw q/k with
-``rope_traditional=True`` gives identical tokens, per DESIGN.md section 2.)
-
-Only the llama architecture is supported for now.
+The q/k choice for llama: llama.cpp's converter permutes q/k rows for its GPT-J style rope; we
+*undo* it and build with ``rope_traditional=False``, so that weights from a GGUF and from an
+HF/mlx-lm checkpoint have the same layout and the same model code serves both. (Keeping raw q/k
+with ``rope_traditional=True`` gives identical tokens, per DESIGN.md section 2.) Qwen files are not
+permuted (their rope is already the NeoX layout mlx-lm uses).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,42 +26,53 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama
+from mlx_lm.utils import _get_classes
 
 from pomona.errors import ModelError
+from pomona.gguf_header import GgufHeader, GgufTensor, read_gguf_header
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+from .gguf_tensors import GROUP_SIZE, QUANTIZED_BITS, read_tensor
 
-# llama.cpp tensor names (without the "blk.N." prefix) -> mlx-lm module names.
+# GGUF architecture -> mlx-lm model_type (llama with experts becomes mixtral).
+SUPPORTED_ARCHITECTURES = {
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+}  # fmt: skip
+_PERMUTED_QK = ("llama", "mixtral")  # model types whose GGUF converter permutes q/k rows
+
+# llama.cpp tensor names (without "blk.N.") -> mlx-lm module names; {moe} is the MoE block.
 _LAYER_MODULES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "{moe}.gate",
+    "ffn_gate_exps": "{moe}.switch_mlp.gate_proj",
+    "ffn_up_exps": "{moe}.switch_mlp.up_proj",
+    "ffn_down_exps": "{moe}.switch_mlp.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
-_GLOBAL_MODULES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
+_GLOBAL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(\w+)")
 _GLOBAL_TENSOR = re.compile(r"(\w+)\.(\w+)")
-# Bit widths and group sizes MLX's affine quantization supports.
-_VALID_BITS = (2, 3, 4, 5, 6, 8)
-_VALID_GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass
 class GgufCheckpoint:
     """A GGUF model in mlx-lm terms, ready for ``nn.quantize`` + ``load_weights``.
 
-    ``quantization`` covers every quantized module of the file, kept or not (it is derived from
-    shapes only), so a stage can quantize its skeleton the same way whatever it loaded.
+    ``quantization`` covers every quantized module of the file, kept or not (it comes from the
+    header only), so a stage can quantize its skeleton the same way whatever it loaded.
     ``complete`` is False when ``keep`` dropped any tensor.
     """
 
@@ -71,56 +82,109 @@ class GgufCheckpoint:
     complete: bool = True
 
 
-def load_gguf(path: Path, keep: Callable[[str], bool] | None = None) -> GgufCheckpoint:
-    """Read a GGUF file into mlx-lm names; ``keep(mlx_name)`` selects the tensors to return."""
-    try:
-        raw, metadata = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError, OSError) as error:
-        raise ModelError(f"cannot load GGUF {path}: {error}") from error
-    architecture = _metadata_value(metadata, "general.architecture")
+@dataclass(frozen=True)
+class GgufLayout:
+    """What the header alone says: the mlx-lm config, each tensor's mlx-lm module name, and the
+    quantization of each module."""
+
+    header: GgufHeader
+    config: dict[str, Any]
+    modules: dict[str, str]  # GGUF tensor name -> mlx-lm parameter name ("...q_proj.weight")
+    quantization: dict[str, dict[str, int]]
+
+    def skeleton(self) -> nn.Module:
+        """The mlx-lm model of the file's family, unquantized, its random init lazy."""
+        model_class, args_class = _get_classes(self.config)
+        return model_class(args_class.from_dict(self.config))
+
+    def build(self) -> nn.Module:
+        """The skeleton quantized module by module like the file."""
+        model, quantization = self.skeleton(), self.quantization
+        nn.quantize(model, class_predicate=lambda path, _module: quantization.get(path, False))
+        return model
+
+
+def read_layout(path: Path) -> GgufLayout:
+    """The layout of the GGUF at ``path`` from its header; ModelError for what it cannot serve."""
+    header = read_gguf_header(path, skip_arrays=True)
+    metadata = header.metadata
+    architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"GGUF architecture {architecture!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); a checkpoint directory of "
+            "the model (mlx_lm.convert) serves any mlx-lm family"
         )
-    if "rope_freqs.weight" in raw:
+    tensors = {t.name: t for t in header.tensors}
+    if "rope_freqs.weight" in tensors:
         # Llama 3.1+ stores its rope scaling as per-frequency factors; mlx-lm wants the
         # rope_scaling parameters those came from, which the GGUF does not keep.
         raise ModelError(f"{path}: llama3-style rope frequency factors are not supported yet")
-    config = gguf_llama_config(metadata, raw)
-    quantization = _infer_quantization(raw, config)
+    if any(re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight", name) for name in tensors):
+        raise ModelError(
+            f"{path} stores each expert as its own tensor (an older llama.cpp conversion); "
+            "convert the model again so that experts are stacked (ffn_*_exps)"
+        )
+    config = gguf_config(metadata, tensors)
+    moe = "block_sparse_moe" if config["model_type"] == "mixtral" else "mlp"
+    modules = {name: _mlx_name(name, moe) for name in tensors}
+    quantization = {
+        modules[name].removesuffix(".weight"): {"group_size": GROUP_SIZE, "bits": bits}
+        for name, t in tensors.items() if (bits := QUANTIZED_BITS.get(t.ggml_type))
+    }  # fmt: skip
+    return GgufLayout(header, config, modules, quantization)
 
+
+def load_gguf(
+    path: Path, keep: Callable[[str], bool] | None = None, layout: GgufLayout | None = None
+) -> GgufCheckpoint:
+    """Read a GGUF file into mlx-lm names; ``keep(mlx_name)`` selects the tensors to read (the
+    others are never read from disk). ``layout``: the file's, when the caller has read it."""
+    layout = layout or read_layout(Path(path))
+    config = layout.config
+    permuted = config["model_type"] in _PERMUTED_QK
     weights: dict[str, mx.array] = {}
-    tensor_count = len(raw)
-    for gguf_name in list(raw):
-        array = raw.pop(gguf_name)  # drop our reference so rejected tensors can be freed now
-        name = _mlx_name(gguf_name)
-        if keep is not None and not keep(name):
-            continue
-        weights[name] = _unpermute_qk(name, array, config)
-    return GgufCheckpoint(
-        config=config,
-        weights=weights,
-        quantization=quantization,
-        complete=len(weights) == tensor_count,
-    )
+    tensors = layout.header.tensors
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for tensor in tensors:
+            module = layout.modules[tensor.name].removesuffix(".weight").removesuffix(".bias")
+            suffix = layout.modules[tensor.name].rpartition(".")[2]
+            for part, array in _read_parts(fd, tensor, module, suffix, keep).items():
+                weights[part] = _unpermute_qk(part, array, config) if permuted else array
+    except OSError as error:
+        raise ModelError(f"cannot read GGUF {path}: {error}") from error
+    finally:
+        os.close(fd)
+    expected = sum(3 if t.ggml_type in QUANTIZED_BITS else 1 for t in tensors)
+    return GgufCheckpoint(config, weights, layout.quantization, complete=len(weights) == expected)
 
 
-def gguf_llama_config(metadata: dict[str, Any], tensors: dict[str, mx.array]) -> dict[str, Any]:
-    """A config.json-style dict for ``mlx_lm.models.llama.ModelArgs.from_dict``."""
+def _read_parts(fd: int, tensor: GgufTensor, module: str, suffix: str, keep) -> dict[str, mx.array]:
+    if suffix != "weight":  # a bias vector: one float array
+        name = f"{module}.{suffix}"
+        return {name: read_tensor(fd, tensor)["weight"]} if keep is None or keep(name) else {}
+    names = {"weight": f"{module}.weight", "scales": f"{module}.scales", "biases": f"{module}.biases"}
+    if keep is not None and not keep(names["weight"]):
+        return {}
+    return {names[part]: array for part, array in read_tensor(fd, tensor).items()}
+
+
+def gguf_config(metadata: dict[str, Any], tensors: dict[str, GgufTensor]) -> dict[str, Any]:
+    """A config.json-style dict for the mlx-lm family of the file's architecture."""
+    arch = metadata["general.architecture"]
+
     def get(key: str, default: Any = None) -> Any:
-        value = _metadata_value(metadata, f"llama.{key}")
+        value = metadata.get(f"{arch}.{key}")
         return default if value is None else value
 
     hidden_size = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
-    embedding = tensors["token_embd.scales" if "token_embd.scales" in tensors
-                        else "token_embd.weight"]
     config: dict[str, Any] = {
-        "model_type": "llama",
+        "model_type": SUPPORTED_ARCHITECTURES[arch],
         "hidden_size": hidden_size,
         "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "intermediate_size": int(get("feed_forward_length", 0)),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(get("attention.head_count_kv", num_heads)),
         "head_dim": int(get("attention.key_length", hidden_size // num_heads)),
@@ -128,12 +192,30 @@ def gguf_llama_config(metadata: dict[str, Any], tensors: dict[str, mx.array]) ->
         "rope_theta": _float32(get("rope.freq_base", 10000.0)),
         "rope_traditional": False,  # q/k are un-permuted on load, see the module docstring
         # The embedding's row count is authoritative: metadata vocab_size is optional.
-        "vocab_size": int(embedding.shape[0]),
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
         "max_position_embeddings": int(get("context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
     }
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    experts = int(get("expert_count", 0))
+    if experts:
+        top_k = int(get("expert_used_count", 0))
+        if top_k < 1:
+            raise ModelError(f"the GGUF has {experts} experts per layer but no {arch}.expert_used_count")
+        expert_width = int(get("expert_feed_forward_length", config["intermediate_size"]))
+        if arch == "llama":  # Mixtral: every layer MoE, experts as wide as the dense FFN
+            config.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=top_k,
+                          intermediate_size=expert_width)  # fmt: skip
+        else:
+            config.update(num_experts=experts, num_experts_per_tok=top_k,
+                          moe_intermediate_size=expert_width)  # fmt: skip
+        if arch == "qwen2moe":
+            config["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
+        if arch == "qwen3moe":
+            # llama.cpp normalizes Qwen3-MoE's top-k weights (norm_w) and every layer is MoE.
+            config.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     scaling_type = get("rope.scaling.type")
     if scaling_type == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
@@ -143,8 +225,9 @@ def gguf_llama_config(metadata: dict[str, Any], tensors: dict[str, mx.array]) ->
 
 
 def build_model(checkpoint: GgufCheckpoint) -> nn.Module:
-    """The whole mlx-lm llama model for a checkpoint (single process; tests and the oracle)."""
-    model = llama.Model(llama.ModelArgs.from_dict(checkpoint.config))
+    """The whole mlx-lm model for a checkpoint (single process: tests and benchmarks)."""
+    model_class, args_class = _get_classes(checkpoint.config)
+    model = model_class(args_class.from_dict(checkpoint.config))
     quantization = checkpoint.quantization
     nn.quantize(model, class_predicate=lambda path, _module: quantization.get(path, False))
     model.load_weights(list(checkpoint.weights.items()), strict=checkpoint.complete)
@@ -158,26 +241,18 @@ def _float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _metadata_value(metadata: dict[str, Any], key: str) -> Any:
-    """A metadata entry as a plain Python value (mx.load gives scalars as 0-d arrays)."""
-    value = metadata.get(key)
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
-def _mlx_name(gguf_name: str) -> str:
-    """``blk.3.attn_q.scales`` -> ``model.layers.3.self_attn.q_proj.scales``."""
+def _mlx_name(gguf_name: str, moe: str = "mlp") -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
     layer = _LAYER_TENSOR.fullmatch(gguf_name)
     if layer is not None:
         index, module, suffix = layer.groups()
         if module in _LAYER_MODULES:
-            return f"model.layers.{index}.{_LAYER_MODULES[module]}.{suffix}"
+            return f"model.layers.{index}.{_LAYER_MODULES[module].format(moe=moe)}.{suffix}"
     else:
         top = _GLOBAL_TENSOR.fullmatch(gguf_name)
         if top is not None and top.group(1) in _GLOBAL_MODULES:
             return f"{_GLOBAL_MODULES[top.group(1)]}.{top.group(2)}"
-    raise ModelError(f"GGUF tensor {gguf_name!r} has no mlx-lm llama equivalent")
+    raise ModelError(f"GGUF tensor {gguf_name!r} has no mlx-lm equivalent")
 
 
 def _unpermute_qk(name: str, array: mx.array, config: dict[str, Any]) -> mx.array:
@@ -202,36 +277,26 @@ def _unpermute_qk(name: str, array: mx.array, config: dict[str, Any]) -> mx.arra
     )
 
 
-def _infer_quantization(
-    tensors: dict[str, mx.array], config: dict[str, Any]
-) -> dict[str, dict[str, int]]:
-    """Bits and group size of every quantized module, from its packed shapes.
+class GgufExpertIndex:
+    """Rows (experts) of a GGUF's stacked expert tensors, read by offset: the expert-parallel
+    counterpart of ``worker.experts.SafetensorsIndex`` (same ``read_rows``)."""
 
-    A packed row holds ``in_features * bits / 32`` uint32 words and ``in_features / group_size``
-    scales, so both follow once ``in_features`` is known; it comes from the config because the
-    shapes alone are ambiguous (4-bit group 32 and 8-bit group 64 of twice the width look alike).
-    """
-    attention_width = config["num_attention_heads"] * config["head_dim"]
-    quantization: dict[str, dict[str, int]] = {}
-    for gguf_name, scales in tensors.items():
-        if not gguf_name.endswith(".scales"):
-            continue
-        module = _mlx_name(gguf_name).removesuffix(".scales")
-        if module.endswith("mlp.down_proj"):
-            in_features = config["intermediate_size"]
-        elif module.endswith("self_attn.o_proj"):
-            in_features = attention_width
-        else:
-            in_features = config["hidden_size"]
-        packed = tensors[gguf_name.removesuffix(".scales") + ".weight"]
-        bits, bits_rest = divmod(packed.shape[-1] * 32, in_features)
-        group_size, group_rest = divmod(in_features, scales.shape[-1])
-        valid = bits in _VALID_BITS and group_size in _VALID_GROUP_SIZES
-        if bits_rest or group_rest or not valid:
-            raise ModelError(
-                f"cannot infer the quantization of {gguf_name}: packed {tuple(packed.shape)}, "
-                f"scales {tuple(scales.shape)}, in_features {in_features}"
-            )
-        quantization[module] = {"group_size": group_size, "bits": bits}
-    return quantization
+    def __init__(self, path: Path, layout: GgufLayout):
+        self.path = path
+        # mlx-lm module name ("model.layers.1.mlp.switch_mlp.gate_proj") -> its GGUF tensor
+        self._tensors = {layout.modules[t.name].rpartition(".")[0]: t for t in layout.header.tensors}
+        self._last: tuple[str, tuple[int, ...], dict[str, mx.array]] | None = None
 
+    def read_rows(self, name: str, rows: list[int]) -> mx.array:
+        """Rows (along axis 0) of ``name`` (".weight", ".scales" or ".biases" of a module)."""
+        module, _, part = name.rpartition(".")
+        if module not in self._tensors:
+            raise ModelError(f"{self.path} has no tensor for {name}")
+        # weight, scales and biases of one module come from the same bytes: read them once.
+        if self._last is None or self._last[:2] != (module, tuple(rows)):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._last = module, tuple(rows), read_tensor(fd, self._tensors[module], rows)
+            finally:
+                os.close(fd)
+        return self._last[2][part]

@@ -14,45 +14,39 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import mmap
 import os
 import platform
 import random
 import statistics
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import llama
 from mlx_lm.utils import _get_classes, load_config
 
 from pomona.errors import ModelError
 from pomona.fetch import cache_dir as pomona_cache_dir
 from pomona.fetch import default_model_path
-from pomona.gguf_header import GGUF_MAGIC, _Cursor, read_gguf_header  # _Cursor: for tensor types
 from pomona.modelinfo import DEFAULT_CONTEXT_LENGTH, _safetensors_sizes
 from pomona.profiles import ComputeProfile
 
-from .families import FamilyAdapter, adapter_for
-from .families.base import child
-from .gguf_loader import SUPPORTED_ARCHITECTURES, _mlx_name, gguf_llama_config
+from .families import StageAdapter, adapter_for
+from .families.base import child, expert_count
+from .gguf_loader import read_layout
 
 PROFILE_FORMAT = 1  # bump when what is measured changes, so that older cached profiles miss
 MIN_SAMPLE_S = 0.03
 MAX_REPEATS = 7
 DEFAULT_TIME_BUDGET_S = 60.0
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# GGML tensor types as mx.load delivers them: Q4_0/Q4_1 -> 4-bit group 32, Q8_0 -> 8-bit group 32,
-# F32/F16/BF16 as they are; MLX dequantizes every other type (K-quants, ...) to float16.
-_GGUF_QUANTIZED_BITS = {2: 4, 3: 4, 8: 8}
+# GGML tensor types as the loader delivers them (like mx.load): F32/F16/BF16 as they are; every
+# other type's scales and biases, or dequantized values (K-quants, ...), are float16.
 _GGUF_FLOATS = {0: mx.float32, 1: mx.float16, 30: mx.bfloat16}
 
 DtypeFn = Callable[[nn.Module, str], mx.Dtype]  # (model, full parameter path) -> stored float dtype
@@ -145,47 +139,19 @@ def _directory_checkpoint(path: Path) -> _Checkpoint:
     )
 
 
-def _gguf_tensor_table(path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """GGUF tensor name -> (GGML type, shape in MLX order), from the header's tensor table."""
-    try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if data[:4] != GGUF_MAGIC:
-                raise ModelError(f"{path} is not a GGUF file")
-            cursor = _Cursor(data, 4)
-            _version, tensor_count, kv_count = cursor.take("IQQ")
-            for _ in range(kv_count):  # walk past the metadata to the tensor table
-                cursor.string()
-                cursor.value(cursor.take("I")[0], skip_arrays=True)
-            tensors = {}
-            for _ in range(tensor_count):
-                name = cursor.string()
-                shape = cursor.take(f"{cursor.take('I')[0]}Q")
-                (tensor_type,) = cursor.take("I")
-                cursor.offset += 8  # the data offset
-                tensors[name] = (tensor_type, tuple(reversed(shape)))  # GGUF lists ne0 first
-    except (OSError, ValueError, struct.error) as error:
-        raise ModelError(f"{path} is not a readable GGUF file ({error})") from None
-    return tensors
-
-
 def _gguf_checkpoint(path: Path) -> _Checkpoint:
-    metadata = read_gguf_header(path, skip_arrays=True).metadata
-    if metadata.get("general.architecture") not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"GGUF architecture {metadata.get('general.architecture')!r} is not supported")
-    tensors = _gguf_tensor_table(path)
-    # gguf_llama_config looks only at tensor names and the embedding's row count.
-    config = gguf_llama_config(metadata, {n: SimpleNamespace(shape=s) for n, (_, s) in tensors.items()})
-    types = {_mlx_name(name): tensor_type for name, (tensor_type, _) in tensors.items()}
-    quantized = {name.removesuffix(".weight"): {"group_size": 32, "bits": _GGUF_QUANTIZED_BITS[t]}
-                 for name, t in types.items() if t in _GGUF_QUANTIZED_BITS}  # fmt: skip
+    layout = read_layout(path)  # the header only: config, names, per-module quantization
+    types = {layout.modules[t.name]: t.ggml_type for t in layout.header.tensors}
 
     # mx.load gives quantized tensors' scales and biases as float16, other floats as stored.
     float_dtype = lambda _model, parameter: _GGUF_FLOATS.get(types.get(parameter, 1), mx.float16)  # noqa: E731
+    config = layout.config
     return _Checkpoint(
-        lambda: llama.Model(llama.ModelArgs.from_dict(config)), "llama",
-        lambda module_path, _module: quantized.get(module_path, False),
+        layout.skeleton, config["model_type"],
+        lambda module_path, _module: layout.quantization.get(module_path, False),
         {"group_size": 32, "bits": 4, "mode": "affine"}, float_dtype,
-        int(config["max_position_embeddings"]), 0, {"config": config, "tensor_types": types},
+        int(config["max_position_embeddings"]), int(config.get("num_experts_per_tok") or 0),
+        {"config": config, "tensor_types": types},
     )
 
 
@@ -228,15 +194,15 @@ def _randomize(model: nn.Module, module: nn.Module, prefix: str, float_dtype: Dt
     mx.eval(module.parameters())
 
 
-def _layer_kind(model, adapter: FamilyAdapter, index: int, float_dtype: DtypeFn) -> tuple:
+def _layer_kind(model, adapter: StageAdapter, index: int, float_dtype: DtypeFn) -> tuple:
     """Layers with the same module tree, parameter shapes and dtypes and cache type cost the same."""
-    layer, prefix = adapter.backbone(model).layers[index], f"{adapter.backbone_path}.layers.{index}"
+    layer, prefix = adapter.layers[index], adapter.layer_path(index)
     structure = tuple((path, type(module).__name__) for path, module in layer.named_modules())
     params = tree_flatten(layer.parameters())
     dtypes = [float_dtype(model, f"{prefix}.{n}") if mx.issubdtype(v.dtype, mx.floating) else v.dtype
               for n, v in params]  # fmt: skip
     shapes = tuple((name, tuple(value.shape), dtype) for (name, value), dtype in zip(params, dtypes))
-    return structure, shapes, type(adapter.make_cache(model, index)).__name__
+    return structure, shapes, type(adapter.make_cache(index)).__name__
 
 
 def _random_hidden(length: int, width: int, dtype: mx.Dtype) -> mx.array:
@@ -245,10 +211,10 @@ def _random_hidden(length: int, width: int, dtype: mx.Dtype) -> mx.array:
     return hidden
 
 
-def _filled_cache(model, adapter: FamilyAdapter, index: int, probe: Any, context: int) -> Any:
+def _filled_cache(adapter: StageAdapter, index: int, probe: Any, context: int) -> Any:
     """A fresh cache of the layer's kind holding `context` tokens of random keys and values, shaped
     like what the layer wrote into `probe` (MLA caches a latent: whatever it is, it is copied)."""
-    cache, keys, values = adapter.make_cache(model, index), probe.keys, probe.values  # [B, H, T, D]
+    cache, keys, values = adapter.make_cache(index), probe.keys, probe.values  # [B, H, T, D]
     cache.update_and_fetch(
         mx.random.normal((*keys.shape[:2], context, keys.shape[3])).astype(keys.dtype),
         mx.random.normal((*values.shape[:2], context, values.shape[3])).astype(values.dtype),
@@ -259,19 +225,19 @@ def _filled_cache(model, adapter: FamilyAdapter, index: int, probe: Any, context
 
 def _time_layer(model, adapter, checkpoint, index, clock, width, dtype, chunk, contexts):
     """(decode at each of `contexts`, prefill of `chunk` tokens, one expert) seconds of a layer."""
-    layer = adapter.backbone(model).layers[index]
+    layer = adapter.layers[index]
 
     def run(hidden: mx.array, cache: Any) -> None:
-        mask = adapter.masks(model, hidden, [index], [cache])[0]  # as the stage builds it
+        mask = adapter.masks(hidden, [index], [cache])[0]  # as the stage builds it
         mx.eval(layer(hidden, mask, cache=cache))
 
     token, prompt = _random_hidden(1, width, dtype), _random_hidden(chunk, width, dtype)
-    probe = adapter.make_cache(model, index)
+    probe = adapter.make_cache(index)
     run(token, probe)  # the first call: allocations, and the shapes of what the layer caches
-    prefill_s = clock.time(lambda: run(prompt, adapter.make_cache(model, index)))
+    prefill_s = clock.time(lambda: run(prompt, adapter.make_cache(index)))
     decode = []
     for context in contexts:
-        cache = _filled_cache(model, adapter, index, probe, context)
+        cache = _filled_cache(adapter, index, probe, context)
 
         def step(cache: Any = cache) -> None:
             run(token, cache)
@@ -283,39 +249,40 @@ def _time_layer(model, adapter, checkpoint, index, clock, width, dtype, chunk, c
     if experts is None:
         return (*decode, prefill_s, 0.0)  # a dense layer
     top_k = max(1, checkpoint.experts_per_token)
-    chosen = random.sample(range(experts.gate_proj.num_experts), top_k)
+    chosen = random.sample(range(expert_count(experts)), top_k)
     indices = mx.array(chosen, dtype=mx.int32).reshape(1, 1, top_k)  # [1, 1, k]
     return (*decode, prefill_s, clock.time(lambda: mx.eval(experts(token, indices))) / top_k)
 
 
 def _measure(checkpoint: _Checkpoint, chunk: int, short: int, long: int, budget_s: float) -> ComputeProfile:
-    model, adapter = checkpoint.build(), adapter_for(checkpoint.model_type)
+    model = checkpoint.build()
     nn.quantize(model, **checkpoint.quantization, class_predicate=checkpoint.quantize)  # lazy, free
-    backbone, float_dtype = adapter.backbone(model), checkpoint.float_dtype
-    num_layers = len(backbone.layers)
+    adapter = adapter_for(model, checkpoint.model_type)
+    backbone, float_dtype = adapter.backbone, checkpoint.float_dtype
+    num_layers = adapter.num_layers
     kinds: dict[tuple, list[int]] = {}
     for index in range(num_layers):
         kinds.setdefault(_layer_kind(model, adapter, index, float_dtype), []).append(index)
     moe = [i for i in range(num_layers) if (p := adapter.expert_module_path(i)) and child(model, p)]
     clock = _Clock(budget_s, 2 + sum(3 + (indices[0] in moe) for indices in kinds.values()))
 
-    for name in ("embed_tokens", "norm"):
+    for name in (adapter.embed_name, adapter.norm_name):
         _randomize(model, backbone[name], f"{adapter.backbone_path}.{name}", float_dtype)
-    head = child(model, adapter.head_path)
-    if head is not None and not adapter.tied_embeddings(model):
-        _randomize(model, head, adapter.head_path, float_dtype)
+    if adapter.head_path is not None:
+        _randomize(model, child(model, adapter.head_path), adapter.head_path, float_dtype)
+    adapter.check_ends(is_first=True, is_last=True)  # a family whose ends cannot run apart: say so
     token = mx.array([[1]], dtype=mx.int32)
-    embed_s = clock.time(lambda: mx.eval(adapter.embed(model, token)))
-    embedded = adapter.embed(model, token)  # [1, 1, D]: the activations' width and dtype
+    embed_s = clock.time(lambda: mx.eval(adapter.embed(token)))
+    embedded = adapter.embed(token)  # [1, 1, D]: the activations' width and dtype
     width, dtype = embedded.shape[-1], embedded.dtype
     position = _random_hidden(1, width, dtype)
-    head_s = clock.time(lambda: mx.eval(mx.argmax(adapter.head(model, position)[0, -1])))
-    adapter.keep_only(model, 0, num_layers, is_first=False, is_last=False)  # frees embedding, head
+    head_s = clock.time(lambda: mx.eval(mx.argmax(adapter.head(position)[0, -1])))
+    adapter.keep_only(0, num_layers, is_first=False, is_last=False)  # frees embedding, head
 
     by_layer: dict[int, tuple[float, ...]] = {}
     for indices in kinds.values():
-        index, layers = indices[0], adapter.backbone(model).layers
-        _randomize(model, layers[index], f"{adapter.backbone_path}.layers.{index}", float_dtype)
+        index, layers = indices[0], adapter.layers
+        _randomize(model, layers[index], adapter.layer_path(index), float_dtype)
         times = _time_layer(model, adapter, checkpoint, index, clock, width, dtype, chunk, (short, long))
         by_layer.update(dict.fromkeys(indices, times))
         layers[index] = None  # freed before the next kind is made: big layers on small Macs

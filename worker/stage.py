@@ -4,13 +4,13 @@ weights those keep, and run them.
 
 Both checkpoint kinds go through mlx-lm's own model classes: a directory in the layout mlx-lm loads
 (weights stay lazy until the shard is evaluated, so the other layers are never read from disk), and a
-GGUF file (mapped to mlx-lm names by ``worker.gguf_loader``; tensors outside the shard are dropped as
-they are mapped).
+GGUF file (mapped to mlx-lm names by ``worker.gguf_loader``, which reads only the shard's tensors, each
+at its offset). What a stage needs from the model (layers, embedding, norm, head, caches, masks,
+expert modules) comes from its adapter (``worker.families``).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +29,10 @@ from .experts import (
     SafetensorsIndex,
     keep_experts,
 )
-from .families import FamilyAdapter, adapter_for
-from .families.base import child
+from .families import StageAdapter, adapter_for
+from .families.base import child, expert_count
 
 ProgressFn = Callable[[float, str], None]
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class StageModel:
@@ -42,7 +41,7 @@ class StageModel:
     def __init__(
         self,
         model: nn.Module,
-        adapter: FamilyAdapter,
+        adapter: StageAdapter,
         architecture: str,
         start: int,
         end: int,
@@ -55,7 +54,7 @@ class StageModel:
         self.start, self.end = start, end
         self.is_first, self.is_last = is_first, is_last
         self.layer_indices = list(range(start, end))
-        self.layers = adapter.backbone(model).layers[start:end]
+        self.layers = adapter.layers[start:end]
 
     @property
     def parameter_bytes(self) -> int:
@@ -66,12 +65,12 @@ class StageModel:
 
     def new_caches(self) -> list:
         """Fresh per-request caches for this stage's layers, of the kinds mlx-lm's model uses."""
-        return [self.adapter.make_cache(self.model, i) for i in self.layer_indices]
+        return [self.adapter.make_cache(i) for i in self.layer_indices]
 
     def forward(self, inputs: mx.array, caches: list) -> mx.array:
         """Token ids ``[1, L]`` (first stage) or hidden states ``[1, L, D]`` -> hidden ``[1, L, D]``."""
-        hidden = self.adapter.embed(self.model, inputs) if self.is_first else inputs
-        masks = self.adapter.masks(self.model, hidden, self.layer_indices, caches)
+        hidden = self.adapter.embed(inputs) if self.is_first else inputs
+        masks = self.adapter.masks(hidden, self.layer_indices, caches)
         for layer, cache, mask in zip(self.layers, caches, masks):
             hidden = layer(hidden, mask, cache=cache)
             # Start computing this layer while Python builds the next one's graph: the overlap
@@ -81,7 +80,7 @@ class StageModel:
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Last stage only: final norm and head on the last position -> ``[vocab]``."""
-        return self.adapter.head(self.model, hidden[:, -1:, :])[0, -1]
+        return self.adapter.head(hidden[:, -1:, :])[0, -1]
 
 
 def _read_architecture(model_path: Path) -> str:
@@ -101,27 +100,26 @@ def _evaluate_with_progress(stage: StageModel, progress: ProgressFn) -> None:
     progress(1.0, "shard loaded")
 
 
-def _lazy_model(path: Path) -> tuple[nn.Module, FamilyAdapter, str]:
+def _lazy_model(path: Path) -> tuple[nn.Module, StageAdapter, str]:
     """The whole model with lazy weights: nothing is read from disk until evaluated."""
     from mlx_lm.utils import load_model
 
     architecture = _read_architecture(path)
-    adapter = adapter_for(architecture)
     try:
         model, _ = load_model(path, lazy=True, strict=True)
     except (FileNotFoundError, ValueError) as error:
         raise ModelError(f"cannot load the checkpoint at {path}: {error}") from error
-    return model, adapter, architecture
+    return model, adapter_for(model, architecture), architecture
 
 
 def _load_directory(
     path: Path, start: int, end: int, is_first: bool, is_last: bool, plan: ExpertPlan | None
 ) -> StageModel:
     model, adapter, architecture = _lazy_model(path)
-    _check_layer_range(adapter.num_layers(model), start, end, path)
-    adapter.keep_only(model, start, end, is_first, is_last)
+    _check_layer_range(adapter.num_layers, start, end, path)
+    adapter.keep_only(start, end, is_first, is_last)
     if plan is not None:
-        _distribute_experts(model, adapter, path, range(start, end), plan)
+        _distribute_experts(model, adapter, SafetensorsIndex(path), range(start, end), plan)
     return StageModel(model, adapter, architecture, start, end, is_first, is_last)
 
 
@@ -133,17 +131,27 @@ class ExpertPlan:
         self.held, self.remote, self.dispatcher = held, remote, dispatcher
 
 
-def _distribute_experts(model, adapter: FamilyAdapter, path: Path, layers, plan: ExpertPlan) -> None:
-    index = SafetensorsIndex(path)
+def _expert_module(model, adapter: StageAdapter, layer: int) -> tuple[str, nn.Module]:
+    module_path = adapter.expert_module_path(layer)
+    module = child(model, module_path) if module_path else None
+    if module is None:
+        raise ModelError(
+            f"layer {layer} of the {adapter.architecture} model has no routed-expert "
+            "module of mlx-lm's switch_layers (SwitchGLU / SwitchMLP, called as experts(x, "
+            "indices)); expert parallelism can only spread experts held that way"
+        )
+    return module_path, module
+
+
+def _distribute_experts(model, adapter: StageAdapter, index, layers, plan: ExpertPlan) -> None:
+    """Replace each split layer's expert module by a dispatching one holding only this node's
+    experts, read from ``index`` (safetensors or GGUF: ``read_rows``)."""
     for layer in layers:
-        module_path = adapter.expert_module_path(layer)
-        if module_path is None or layer not in plan.remote:
+        if layer not in plan.remote:
             continue  # dense layer, or every expert is here
-        module = child(model, module_path)
-        if module is None:
-            raise ModelError(f"layer {layer} has no routed experts to distribute")
+        module_path, module = _expert_module(model, adapter, layer)
         held = plan.held.get(layer, [])
-        table = ExpertTable(module.gate_proj.num_experts, held, plan.remote[layer])
+        table = ExpertTable(expert_count(module), held, plan.remote[layer])
         if held:
             keep_experts(module, module_path, index, held)
         parent_path, _, name = module_path.rpartition(".")
@@ -155,17 +163,21 @@ def _distribute_experts(model, adapter: FamilyAdapter, path: Path, layers, plan:
 def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: ExpertStats) -> ExpertHost:
     """The experts ``groups`` (layer -> expert ids) of the checkpoint at ``path``, and nothing else."""
     path = Path(path).expanduser()
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise ModelError(f"expert parallelism needs a checkpoint directory; {path} is not one")
-    model, adapter, _ = _lazy_model(path)
-    index = SafetensorsIndex(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf_loader import GgufExpertIndex, read_layout
+
+        layout = read_layout(path)
+        model = layout.build()  # lazy: only the held experts are ever read
+        adapter, index = adapter_for(model, layout.config["model_type"]), GgufExpertIndex(path, layout)
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, adapter, _ = _lazy_model(path)
+        index = SafetensorsIndex(path)
+    else:
+        raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
     modules = {}
     for layer, ids in sorted(groups.items()):
-        module_path = adapter.expert_module_path(layer)
-        module = child(model, module_path) if module_path else None
-        if module is None:
-            raise ModelError(f"layer {layer} of {path} has no routed experts")
-        num_experts = module.gate_proj.num_experts
+        module_path, module = _expert_module(model, adapter, layer)
+        num_experts = expert_count(module)
         if not ids or min(ids) < 0 or max(ids) >= num_experts:
             raise ModelError(f"expert ids {ids} are outside layer {layer}'s {num_experts} experts")
         keep_experts(module, module_path, index, ids)
@@ -176,30 +188,30 @@ def load_expert_host(path: str | Path, groups: dict[int, list[int]], stats: Expe
     return ExpertHost(modules, stats)
 
 
-def _load_gguf(path: Path, start: int, end: int, is_first: bool, is_last: bool) -> StageModel:
-    from mlx_lm.models import llama
+def _load_gguf(
+    path: Path, start: int, end: int, is_first: bool, is_last: bool, plan: ExpertPlan | None
+) -> StageModel:
+    from .gguf_loader import GgufExpertIndex, load_gguf, read_layout
 
-    from .gguf_loader import load_gguf
-
-    def in_shard(name: str) -> bool:
-        match = _LAYER.search(name)
-        if match:
-            return start <= int(match.group(1)) < end
-        if "embed_tokens" in name:
-            return is_first or is_last  # the last stage needs it as the head when tied
-        return is_last  # final norm, lm_head
-
-    checkpoint = load_gguf(path, keep=in_shard)
-    adapter = adapter_for(checkpoint.config["model_type"])
-    model = llama.Model(llama.ModelArgs.from_dict(checkpoint.config))
-    _check_layer_range(adapter.num_layers(model), start, end, path)
-    adapter.keep_only(model, start, end, is_first, is_last)
-    nn.quantize(model, class_predicate=lambda p, m: checkpoint.quantization.get(p, False))
+    layout = read_layout(path)
+    model = layout.build()  # random init stays lazy: every kept parameter is replaced below
+    architecture = layout.config["model_type"]
+    adapter = adapter_for(model, architecture)
+    _check_layer_range(adapter.num_layers, start, end, path)
+    adapter.keep_only(start, end, is_first, is_last)
     wanted = {name for name, _ in tree_flatten(model.parameters())}
-    weights = [(k, v) for k, v in checkpoint.weights.items() if k in wanted]
-    model.load_weights(weights, strict=True)
+    if plan is not None:  # split layers' experts: only this node's rows, read below
+        split = [f"{adapter.expert_module_path(layer)}." for layer in plan.remote if start <= layer < end]
+        wanted = {name for name in wanted if not name.startswith(tuple(split))}
+    checkpoint = load_gguf(path, keep=wanted.__contains__, layout=layout)  # only these are read
+    missing = sorted(wanted - checkpoint.weights.keys())
+    if missing:
+        raise ModelError(f"{path} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    model.load_weights(list(checkpoint.weights.items()), strict=False)
+    if plan is not None:
+        _distribute_experts(model, adapter, GgufExpertIndex(path, layout), range(start, end), plan)
     model.eval()
-    return StageModel(model, adapter, "llama", start, end, is_first, is_last)
+    return StageModel(model, adapter, architecture, start, end, is_first, is_last)
 
 
 def _check_layer_range(num_layers: int, start: int, end: int, path: Path) -> None:
@@ -222,12 +234,11 @@ def load_stage(
     with ``experts``, only the routed experts the plan gives this node."""
     path = Path(model_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        if experts is not None and experts.remote:
-            raise ModelError("expert parallelism needs a checkpoint directory, not a GGUF file")
-        stage = _load_gguf(path, start, end, is_first, is_last)
+        stage = _load_gguf(path, start, end, is_first, is_last, experts)
     elif path.is_dir() and (path / "config.json").is_file():
         stage = _load_directory(path, start, end, is_first, is_last, experts)
     else:
         raise ModelError(f"{path} is not a GGUF file or a checkpoint directory with config.json")
     _evaluate_with_progress(stage, progress)
+    stage.adapter.check_ends(is_first, is_last)
     return stage

@@ -57,6 +57,10 @@ def upcycle(
         raise ModelError(f"noise must be >= 0, not {noise}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     checkpoint = load_gguf(gguf_path)
+    if checkpoint.config["model_type"] != "llama":
+        raise ModelError(
+            f"upcycling needs a dense llama GGUF; {gguf_path} is {checkpoint.config['model_type']}"
+        )
     config = mixtral_config(checkpoint.config, checkpoint.quantization, num_experts, top_k)
     tokenizer = load_tokenizer(gguf_path)
 

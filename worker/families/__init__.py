@@ -1,34 +1,27 @@
-"""Per-family adapters: how a stage of an mlx-lm model embeds, masks, caches and finishes.
+"""Stage adapters: how a pipeline stage of an mlx-lm model embeds, masks, caches and finishes.
 
-mlx-lm's model classes run the whole stack in one ``__call__``; a pipeline stage runs a slice of it.
-Each adapter says what that slice needs from its family. One file per family, mlx-lm style.
+``StageAdapter`` (base.py) derives all of it from the model object for every family of mlx-lm's
+common shape. A family gets a file here only where it really differs, and the file says why.
 """
 
-from pomona.errors import ModelError
+from __future__ import annotations
 
-from .base import FamilyAdapter
-from .deepseek_v3 import DeepseekV3Adapter
-from .llama import LlamaAdapter
+import mlx.nn as nn
+
+from .base import StageAdapter
+from .deepseek_v3 import ArrayMaskAdapter
 from .llama4 import Llama4Adapter
-from .mixtral import MixtralAdapter
-from .qwen3_moe import Qwen3MoeAdapter
 
-ADAPTERS: dict[str, type[FamilyAdapter]] = {
-    "llama": LlamaAdapter,
+# Real exceptions only; every other family uses StageAdapter.
+EXCEPTIONS: dict[str, type[StageAdapter]] = {
     "llama4": Llama4Adapter,
-    "mixtral": MixtralAdapter,
-    "qwen3_moe": Qwen3MoeAdapter,
-    "deepseek_v3": DeepseekV3Adapter,
+    # mlx-lm's backbones of these families build explicit array masks for their MLA attention.
+    "deepseek_v3": ArrayMaskAdapter,
+    "glm4_moe_lite": ArrayMaskAdapter,
 }
 
 
-def adapter_for(architecture: str) -> FamilyAdapter:
-    """The adapter for an mlx-lm ``model_type``; a clear error for families Pomona cannot shard."""
-    try:
-        return ADAPTERS[architecture]()
-    except KeyError:
-        supported = ", ".join(sorted(ADAPTERS))
-        raise ModelError(
-            f"model architecture {architecture!r} is not supported for pipeline serving "
-            f"(supported: {supported})"
-        ) from None
+def adapter_for(model: nn.Module, architecture: str) -> StageAdapter:
+    """The adapter bound to ``model`` (whole, before a stage drops anything), an mlx-lm
+    ``model_type`` ``architecture``; a ModelError naming what is missing when it cannot split."""
+    return EXCEPTIONS.get(architecture, StageAdapter)(model, architecture)

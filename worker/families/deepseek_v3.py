@@ -1,16 +1,17 @@
-"""DeepSeek-V3: MLA attention, grouped routing with shared experts, dense first layers."""
+"""DeepSeek-V3 and GLM-4-MoE-Lite (MLA attention): why the generic adapter is not enough.
+
+mlx-lm's backbones of these families build their mask with ``create_attention_mask(...,
+return_array=True)``: their MLA attention adds the mask to the scores itself, and the "causal"
+shortcut the other families pass fails there ("Invalid type str received in array
+initialization"). Everything else (embedding, layers, head, the routed experts) follows the
+common shape.
+"""
 
 from mlx_lm.models.base import create_attention_mask
 
-from .base import FamilyAdapter
+from .base import StageAdapter
 
 
-class DeepseekV3Adapter(FamilyAdapter):
-    expert_path = "mlp.switch_mlp"  # the SwitchGLU a MoE layer calls after routing
-    def tied_embeddings(self, model) -> bool:
-        return False  # DeepSeek-V3 always has its own lm_head
-
-    def masks(self, model, hidden, layer_indices, caches):
-        # MLA attention needs an explicit array mask, as mlx-lm's DeepseekV3Model builds it.
-        mask = create_attention_mask(hidden, caches[0], return_array=True)
-        return [mask] * len(layer_indices)
+class ArrayMaskAdapter(StageAdapter):
+    def mask_for(self, hidden, cache, window):
+        return create_attention_mask(hidden, cache, window_size=window, return_array=True)

@@ -1,34 +1,28 @@
-"""Llama 4 (text): chunked local attention on 3 of every 4 layers, global NoPE attention on the 4th,
-MoE (sigmoid top-1 plus a shared expert) on every ``interleave_moe_layer_step``-th layer."""
+"""Llama 4 (text): why the generic adapter is not enough.
+
+Three of every four layers use chunked local attention (a ``ChunkedKVCache``), the fourth global
+NoPE attention; MoE (sigmoid top-1 plus a shared expert) on every ``interleave_moe_layer_step``-th
+layer. mlx-lm's LlamaModel builds the chunk mask in its own ``__call__`` (the cache's
+``make_mask`` gives a plain causal one) and trims the chunked caches there, so this adapter builds
+that mask the same way, and embeds with the embedding directly: the backbone's ``__call__`` cannot
+run without the caches it trims.
+"""
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import ChunkedKVCache, KVCache
+from mlx_lm.models.cache import ChunkedKVCache
 
-from .base import FamilyAdapter
-
-
-def _is_chunked(layer_index: int) -> bool:
-    return (layer_index + 1) % 4 != 0
+from .base import StageAdapter
 
 
-class Llama4Adapter(FamilyAdapter):
-    expert_path = "feed_forward.experts"  # the SwitchGLU a MoE layer calls after routing
-    backbone_path = "language_model.model"
-    head_path = "language_model.lm_head"
+class Llama4Adapter(StageAdapter):
+    def embed(self, token_ids):
+        return self.backbone[self.embed_name](token_ids)  # [B, L, D]
 
-    def tied_embeddings(self, model) -> bool:
-        return False
-
-    def make_cache(self, model, layer_index: int):
-        if _is_chunked(layer_index):
-            return ChunkedKVCache(model.args.text_config.attention_chunk_size)
-        return KVCache()
-
-    def masks(self, model, hidden, layer_indices, caches):
-        chunk = model.args.text_config.attention_chunk_size
-        chunked = [c for i, c in zip(layer_indices, caches) if _is_chunked(i)]
-        full = [c for i, c in zip(layer_indices, caches) if not _is_chunked(i)]
+    def masks(self, hidden, layer_indices, caches):
+        chunk = self.model.args.text_config.attention_chunk_size
+        chunked = [c for c in caches if isinstance(c, ChunkedKVCache)]
+        full = [c for c in caches if not isinstance(c, ChunkedKVCache)]
         chunk_mask = global_mask = None
         if chunked:
             # Same arithmetic as mlx-lm's Llama 4 model, from this stage's own chunked caches:
@@ -43,4 +37,4 @@ class Llama4Adapter(FamilyAdapter):
             chunk_mask = same_block & (linds <= rinds)
         if full:
             global_mask = create_attention_mask(hidden, full[0])
-        return [chunk_mask if _is_chunked(i) else global_mask for i in layer_indices]
+        return [chunk_mask if isinstance(c, ChunkedKVCache) else global_mask for c in caches]
