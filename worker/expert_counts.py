@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from .experts import DistributedSwitchGLU, ExpertStats
+from .families.base import expert_count, is_expert_module
 
 
 class CountedExperts(nn.Module):
@@ -33,13 +33,6 @@ class CountedExperts(nn.Module):
         return self._counts.tolist()
 
 
-def _num_experts(module: nn.Module) -> int:
-    for child in module.children().values():
-        if isinstance(child, nn.Module) and hasattr(child, "num_experts"):
-            return int(child.num_experts)
-    raise ValueError(f"cannot tell how many experts {type(module).__name__} holds")
-
-
 def count_routed_experts(layers: list[nn.Module], layer_indices: list[int], stats: ExpertStats) -> int:
     """Wrap every whole expert module of `layers` (model layer numbers `layer_indices`) with a
     counter reporting to `stats`; returns how many were wrapped. Modules found structurally."""
@@ -48,7 +41,7 @@ def count_routed_experts(layers: list[nn.Module], layer_indices: list[int], stat
         found = [
             (path, module)
             for path, module in layer.named_modules()
-            if isinstance(module, (SwitchGLU, SwitchMLP))
+            if is_expert_module(module)
         ]
         for path, module in found:
             parent_path, _, name = path.rpartition(".")
@@ -57,7 +50,7 @@ def count_routed_experts(layers: list[nn.Module], layer_indices: list[int], stat
                 parent = parent[int(part)] if isinstance(parent, list) else parent[part]
             if isinstance(parent, DistributedSwitchGLU):  # its local part: it counts for itself
                 continue
-            counted = CountedExperts(module, _num_experts(module))
+            counted = CountedExperts(module, expert_count(module))
             parent[name] = counted
             stats.add_counter(layer_index, counted.counts)
             wrapped += 1
