@@ -34,6 +34,7 @@ from pomona.tokenizer import load_tokenizer
 from . import heartbeat
 from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
+from .load_request import load_request
 from .profiling import NodeMeasurement, profile_cluster
 from .recovery import recover
 from .requests import RequestLimits, RequestRouter
@@ -262,47 +263,11 @@ class Cluster:
         state.stub = worker_pb2_grpc.WorkerStub(state.channel)
         state.state = "up"
 
-    def _load_request(self, node: str) -> worker_pb2.LoadShardRequest:
-        """What ``node`` loads: its stage (if any) and the routed experts the placement gives it."""
-        placement, experts = self.placement, self.placement.experts
-        request = worker_pb2.LoadShardRequest(model_path=str(self.model.path), node_name=node)
-        own_layers: range = range(0)
-        stage_nodes = [stage.node for stage in placement.stages]
-        if node in stage_nodes:
-            index = stage_nodes.index(node)
-            stage = placement.stages[index]
-            next_stage = placement.stages[(index + 1) % len(placement.stages)]
-            own_layers = range(stage.layers.start, stage.layers.end)
-            request.layer_start, request.layer_end = stage.layers.start, stage.layers.end
-            request.is_first, request.is_last = stage.is_first, stage.is_last
-            request.next_address = self.nodes[next_stage.node].config.address
-            request.next_node = next_stage.node
-            request.stage_index, request.stage_count = index, len(placement.stages)
-        else:
-            request.experts_only = True
-        for layer in sorted(experts):
-            held = experts.experts_on(node, layer)
-            if layer not in own_layers:
-                if held:
-                    request.experts.add(layer=layer, expert_ids=held)
-                continue
-            others = [n for n in experts.nodes if n != node and experts.experts_on(n, layer)]
-            if not others:
-                continue  # every expert of this layer is here: the layer runs as mlx-lm's own
-            request.experts.add(layer=layer, expert_ids=held)
-            for other in others:
-                request.remote_experts.add(
-                    layer=layer,
-                    node=other,
-                    address=self.nodes[other].config.address,
-                    expert_ids=experts.experts_on(other, layer),
-                )
-        return request
-
     async def _load(self, node: str) -> None:
         state = self.nodes[node]
         state.state = "loading"
-        request = self._load_request(node)
+        addresses = {name: state.config.address for name, state in self.nodes.items()}
+        request = load_request(str(self.model.path), self.placement, addresses, node)
         what = f"layers [{request.layer_start}, {request.layer_end})"
         if request.experts_only:
             what = "its experts"

@@ -135,6 +135,16 @@ class ClusterClient:
     def expert_stats(self) -> coordinator_pb2.ClusterExpertStats:
         return self.stub.GetExpertStats(coordinator_pb2.ExpertStatsQuery(), timeout=20)
 
+    def wait_until_idle(self, timeout_s: float = 10.0) -> bool:
+        """Whether every stage freed its requests within `timeout_s` (an end or cancel message
+        travels the ring after the last token reaches the client)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(s.active_requests == 0 for s in self.status().stages):
+                return True
+            time.sleep(0.05)
+        return all(s.active_requests == 0 for s in self.status().stages)
+
     def status(self) -> coordinator_pb2.ClusterStatus:
         return self.stub.GetStatus(
             coordinator_pb2.ClusterStatusRequest(include_workers=True), timeout=10

@@ -38,7 +38,7 @@ def test_cluster_matches_single_process(checkpoints, tmp_path, name, stage_count
         assert list(summary.token_ids) == expected
         assert summary.finish_reason == "length"
         # Every stage freed the request's caches.
-        assert all(stage.active_requests == 0 for stage in cluster.status().stages)
+        assert cluster.wait_until_idle()
 
 
 def test_concurrent_requests_match_each_alone(checkpoints, tmp_path):
@@ -98,11 +98,7 @@ def test_stop_string_cancels_and_frees(checkpoints, tmp_path):
         assert summary.text == full_text[: full_text.find(stop)]
         assert len(summary.token_ids) < 24
         # The cancel travels the ring; every stage frees the request.
-        for _ in range(50):
-            if all(s.active_requests == 0 for s in cluster.status().stages):
-                break
-            __import__("time").sleep(0.1)
-        assert all(s.active_requests == 0 for s in cluster.status().stages)
+        assert cluster.wait_until_idle()
 
 
 def test_no_process_outlives_a_failing_test(checkpoints, tmp_path):
