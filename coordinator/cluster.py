@@ -410,11 +410,13 @@ class Cluster:
         except grpc.aio.AioRpcError:
             return None
 
-    async def worker_counters(self, node_name: str) -> worker_pb2.WorkerStatus | None:
+    async def worker_counters(
+        self, node_name: str, timeout_s: float = 5.0
+    ) -> worker_pb2.WorkerStatus | None:
         """Busy time and energy only: answered without waiting for the node's engine."""
         try:
             request = worker_pb2.StatusRequest(counters_only=True)
-            return await self.nodes[node_name].stub.Status(request, timeout=5)
+            return await self.nodes[node_name].stub.Status(request, timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return None
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from pomona.config import OBJECTIVES
 from pomona.errors import PomonaError
 from pomona.planner import plan
 from pomona.proto import worker_pb2
@@ -33,17 +34,6 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT_S = 2.0  # a node that does not answer Status in this long is not used
 
 
-async def _answers(cluster: Cluster, name: str) -> bool:
-    stub = cluster.nodes[name].stub
-    if stub is None:
-        return False
-    try:
-        await stub.Status(worker_pb2.StatusRequest(counters_only=True), timeout=ANSWER_TIMEOUT_S)
-    except grpc.aio.AioRpcError:
-        return False
-    return True
-
-
 async def recover(cluster: Cluster, lost: str) -> None:
     """Bring the cluster back without `lost` (see the module docstring); never raises."""
     router = cluster.router
@@ -52,15 +42,17 @@ async def recover(cluster: Cluster, lost: str) -> None:
     log.warning("%s (%s)", cluster.message, cluster._lost.get(lost, ""))
     router.interrupt_all(f"recovering from the loss of node {lost!r}")
     try:
-        candidates = [name for name in cluster.nodes if name not in cluster._lost]
-        alive = [name for name, ok in zip(candidates, await asyncio.gather(
-            *(_answers(cluster, name) for name in candidates)
-        )) if ok]
+        candidates = [
+            name for name, node in cluster.nodes.items() if name not in cluster._lost and node.stub
+        ]
+        answers = await asyncio.gather(
+            *(cluster.worker_counters(name, ANSWER_TIMEOUT_S) for name in candidates)
+        )
+        alive = [name for name, answer in zip(candidates, answers) if answer is not None]
         old = cluster.plan
         settings = cluster.config.scheduler
-        objective = old.objective if old.objective in ("latency", "throughput", "energy") else (
-            settings.objective
-        )
+        # An explicit placement no longer holds: the planner places, for the configured objective.
+        objective = old.objective if old.objective in OBJECTIVES else settings.objective
         try:
             new_plan = plan(
                 cluster.model, cluster.profile.subset(alive), old.workload, objective, settings.slack,

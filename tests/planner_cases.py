@@ -28,6 +28,30 @@ def dense_model(num_layers: int, layer_bytes: int = 100, hidden: int = 64) -> Mo
     )
 
 
+def moe_model(
+    num_layers: int = 4, experts: int = 8, expert_bytes: int = 100, attention_bytes: int = 50,
+    path: str = "synthetic-moe",
+) -> ModelInfo:
+    """Every layer MoE: `attention_bytes` plus `experts` x `expert_bytes`; top-2 routing."""
+    layer = attention_bytes + experts * expert_bytes
+    return ModelInfo(
+        Path(path), "mlx", "mixtral", num_layers, 4096, (layer,) * num_layers, 40, 40,
+        False, num_experts=experts, moe_layers=tuple(range(num_layers)),
+        expert_bytes=(expert_bytes,) * num_layers, hidden_size=64, experts_per_token=2,
+    )
+
+
+def moe_node(
+    name: str, memory: int, layer_s: float = 0.01, expert_s: float = 0.002, num_layers: int = 4
+) -> NodeProfile:
+    decode = (layer_s,) * num_layers
+    compute = ComputeProfile(
+        decode, decode, 64, 1024, decode, 256, 1e-4, 2e-4, expert_s=(expert_s,) * num_layers,
+        experts_per_token=2,
+    )
+    return NodeProfile(name, memory, compute, PowerProfile(5, 50, "estimated (test)"))
+
+
 def compute(num_layers: int, layer_s: float, embed_s: float = 1e-4, head_s: float = 2e-4) -> ComputeProfile:
     decode = (layer_s,) * num_layers
     return ComputeProfile(

@@ -4,7 +4,6 @@ replicas of the most used experts)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,16 +12,16 @@ from cluster_helpers import pomona, running_cluster
 from layouts import PROMPT
 from mlx_lm.models.switch_layers import SwitchGLU
 from mlx_lm.utils import load_model
-from planner_cases import mesh
+from planner_cases import mesh, moe_model, moe_node
 from tiny_models import reference_generate
 
 from pomona.costmodel import expert_shares, predict
 from pomona.expert_load import ExpertLoad, add_counts, history_path, load_history, read_counts
 from pomona.expert_replicas import replicate_hot_experts
 from pomona.experts import plan_experts_for_stages
-from pomona.modelinfo import ModelInfo, describe_model
+from pomona.modelinfo import describe_model
 from pomona.placement import LayerRange, Placement, StagePlacement
-from pomona.profiles import ClusterProfile, ComputeProfile, NodeProfile, PowerProfile, Workload
+from pomona.profiles import ClusterProfile, Workload
 from pomona.tokenizer import load_tokenizer
 from worker.expert_counts import count_routed_experts
 from worker.experts import ExpertStats
@@ -40,16 +39,8 @@ def test_shares_are_smoothed_measured_fractions():
     assert load.share(5, 1, 4) == 0.25  # a layer never seen: uniform
 
 
-def _moe_model(path="ckpt", num_layers=2, experts=8) -> ModelInfo:
-    return ModelInfo(
-        Path(path), "mlx", "mixtral", num_layers, 4096, (50 + experts * 100,) * num_layers, 40, 40,
-        False, num_experts=experts, moe_layers=tuple(range(num_layers)),
-        expert_bytes=(100,) * num_layers, hidden_size=64, experts_per_token=2,
-    )
-
-
 def test_history_adds_up_across_runs_one_file_per_model(tmp_path):
-    model, other = _moe_model("one"), _moe_model("two")
+    model, other = moe_model(2, path="one"), moe_model(2, path="two")
     assert load_history(tmp_path, model) is None
     add_counts(tmp_path, model, {0: {1: 5}, 1: {2: 3}})
     add_counts(tmp_path, model, {0: {1: 2, 7: 1}})
@@ -65,20 +56,15 @@ def test_history_adds_up_across_runs_one_file_per_model(tmp_path):
 # -- the planner -----------------------------------------------------------------------------------
 
 
-def _node(name: str, memory: int, expert_s: float) -> NodeProfile:
-    decode = (0.01, 0.01)
-    compute = ComputeProfile(
-        decode, decode, 64, 1024, decode, 256, 1e-4, 2e-4, expert_s=(expert_s,) * 2,
-        experts_per_token=2,
-    )
-    return NodeProfile(name, memory, compute, PowerProfile(5, 50, "estimated (test)"))
-
-
 # s runs both layers but has room for two of their 16 experts; r (slow experts) has room for the
 # rest; q (fast experts) has room for one more expert.
-MODEL = _moe_model()
+MODEL = moe_model(2, path="ckpt")
 CLUSTER = ClusterProfile(
-    (_node("s", 40 + 40 + 2 * 50 + 2 * 100, 0.002), _node("r", 2000, 0.02), _node("q", 100, 0.001)),
+    (
+        moe_node("s", 40 + 40 + 2 * 50 + 2 * 100, expert_s=0.002, num_layers=2),
+        moe_node("r", 2000, expert_s=0.02, num_layers=2),
+        moe_node("q", 100, expert_s=0.001, num_layers=2),
+    ),
     mesh(["s", "r", "q"], 1e-4),
 )
 STAGES = (StagePlacement("s", LayerRange(0, 2), True, True),)

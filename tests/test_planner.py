@@ -6,7 +6,7 @@ import random
 import time
 
 import pytest
-from planner_cases import brute_force, dense_model, mesh, node, random_instance
+from planner_cases import brute_force, dense_model, mesh, moe_model, moe_node, node, random_instance
 
 from pomona.costmodel import predict
 from pomona.errors import PlacementError
@@ -242,37 +242,13 @@ def test_baselines_are_scored_and_infeasible_ones_say_why():
     assert options["compute"].prediction is not None
 
 
-def _moe(num_layers=4, experts=8, expert_bytes=100, attention_bytes=50):
-    from pathlib import Path
-
-    from pomona.modelinfo import ModelInfo
-
-    layer = attention_bytes + experts * expert_bytes
-    return ModelInfo(
-        Path("synthetic-moe"), "mlx", "mixtral", num_layers, 4096, (layer,) * num_layers, 40, 40,
-        False, num_experts=experts, moe_layers=tuple(range(num_layers)),
-        expert_bytes=(expert_bytes,) * num_layers, hidden_size=64, experts_per_token=2,
-    )
-
-
-def _moe_node(name, memory, layer_s=0.01, expert_s=0.002):
-    from pomona.profiles import ComputeProfile, NodeProfile, PowerProfile
-
-    decode = (layer_s,) * 4
-    compute = ComputeProfile(
-        decode, decode, 64, 1024, decode, 256, 1e-4, 2e-4, expert_s=(expert_s,) * 4,
-        experts_per_token=2,
-    )
-    return NodeProfile(name, memory, compute, PowerProfile(5, 50, "estimated (test)"))
-
-
 def test_experts_that_do_not_fit_go_to_the_node_with_the_cheapest_link():
-    model = _moe()  # 4 layers of 50 B attention + 8 experts x 100 B
+    model = moe_model()  # 4 layers of 50 B attention + 8 experts x 100 B
     names = ["s1", "s2", "near", "far"]
     cheap = {frozenset(("s1", "near")), frozenset(("s2", "near")), frozenset(("s1", "s2"))}
     cluster = ClusterProfile(
         # s1, s2 hold one whole layer each; near and far none: no whole-layer placement fits.
-        (_moe_node("s1", 1200), _moe_node("s2", 1200), _moe_node("near", 700), _moe_node("far", 700)),
+        (moe_node("s1", 1200), moe_node("s2", 1200), moe_node("near", 700), moe_node("far", 700)),
         mesh(names, lambda a, b: 1e-4 if frozenset((a, b)) in cheap else 0.02),
     )
     result = plan(model, cluster, ONE, "latency")

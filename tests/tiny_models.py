@@ -79,6 +79,22 @@ _COMMON = {
 
 # Per-family defaults on top of _COMMON; every input dimension is a multiple of 32 so that
 # every Linear / Embedding / SwitchLinear / MultiLinear quantizes with group size 32.
+# DeepSeek-style multi-head latent attention with grouped routing, shared by its descendants.
+_MLA_MOE = {
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "moe_intermediate_size": 64,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+}
+
 _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {"num_hidden_layers": 6},
     "llama4": {
@@ -110,18 +126,7 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "mlp_only_layers": [],
     },
     "deepseek_v3": {
-        "num_hidden_layers": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 32,
-        "qk_rope_head_dim": 16,
-        "qk_nope_head_dim": 32,
-        "v_head_dim": 32,
-        "moe_intermediate_size": 64,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
+        **_MLA_MOE,
         "n_shared_experts": 1,
         "first_k_dense_replace": 1,  # layer 0 dense, layers 1.. MoE
         "moe_layer_freq": 1,
@@ -232,18 +237,7 @@ _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmo2": {"num_hidden_layers": 4},
     # MLA attention like DeepSeek-V3 (an exception of the generic adapter: array masks).
     "glm4_moe_lite": {
-        "num_hidden_layers": 4,
-        "num_key_value_heads": 4,
-        "q_lora_rank": 32,
-        "kv_lora_rank": 32,
-        "qk_rope_head_dim": 16,
-        "qk_nope_head_dim": 32,
-        "v_head_dim": 32,
-        "moe_intermediate_size": 64,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
+        **_MLA_MOE,
         "first_k_dense_replace": 1,
         "num_nextn_predict_layers": 0,
     },

@@ -82,6 +82,13 @@ def keep_experts(module: nn.Module, module_path: str, index: SafetensorsIndex, i
                 projection[name] = index.read_rows(f"{module_path}.{projection_name}.{name}", ids)
 
 
+def _add_counts(target: dict[int, int], per_expert: list[int]) -> None:
+    """Add a device counter's figures (tokens of expert 0, 1, ...) into `target` (a defaultdict)."""
+    for expert, count in enumerate(per_expert):
+        if count:
+            target[expert] += count
+
+
 class ExpertStats:
     """Tokens computed per (layer, expert) on this node, and traffic per dispatch link."""
 
@@ -100,14 +107,10 @@ class ExpertStats:
         """Move the device counters' figures into `tokens` and drop them (the shard is going)."""
         with self._lock:
             counters, self._counters = self._counters, []
-        for layer, read in counters:
-            self._add(layer, read())
-
-    def _add(self, layer: int, per_expert: list[int]) -> None:
+        figures = [(layer, read()) for layer, read in counters]
         with self._lock:
-            for expert, count in enumerate(per_expert):
-                if count:
-                    self.tokens[layer][expert] += count
+            for layer, per_expert in figures:
+                _add_counts(self.tokens[layer], per_expert)
 
     def count_tokens(self, layer: int, experts: np.ndarray) -> None:
         ids, counts = np.unique(experts, return_counts=True)
@@ -129,12 +132,9 @@ class ExpertStats:
         live = [(layer, read()) for layer, read in counters]
         with self._lock:
             reply = worker_pb2.ExpertStatsReply()
-            totals = {layer: dict(counts) for layer, counts in self.tokens.items()}
+            totals = {layer: defaultdict(int, counts) for layer, counts in self.tokens.items()}
             for layer, per_expert in live:
-                target = totals.setdefault(layer, {})
-                for expert, count in enumerate(per_expert):
-                    if count:
-                        target[expert] = target.get(expert, 0) + count
+                _add_counts(totals.setdefault(layer, defaultdict(int)), per_expert)
             for layer in sorted(totals):
                 counts = totals[layer]
                 ids = sorted(counts)
@@ -251,7 +251,7 @@ class DistributedSwitchGLU(nn.Module):
         experts = np.array(indices.reshape(-1)).astype(np.int32)  # [tokens * k]: routing decided
         rows = np.repeat(np.arange(flat.shape[0], dtype=np.int32), k)
         down = set(self._down())
-        table = self._table_without(frozenset(down)) if down else self._table
+        table = self._table_without(frozenset(down))
         if table is None:
             raise LinkBroken(f"expert {' and '.join(self._dispatcher.links[n].broken for n in sorted(down))}")
         owner = table.owners(experts)
