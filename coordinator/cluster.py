@@ -150,6 +150,7 @@ class Cluster:
                 context_length=min(self.model.context_length, self.config.generation.max_context or 1 << 30),
                 default_max_tokens=self.config.generation.max_tokens,
                 prefill_chunk_tokens=self.config.generation.prefill_chunk_tokens,
+                max_batch=self.config.generation.max_batch,
             ),
             self._send_to_first_stage,
         )

@@ -39,6 +39,7 @@ class RequestLimits:
     context_length: int
     default_max_tokens: int
     prefill_chunk_tokens: int
+    max_batch: int = 32  # requests per decode micro-batch (generation.max_batch)
 
 
 MAX_STOP_STRINGS = 16
@@ -186,6 +187,7 @@ class RequestRouter:
                 max_tokens=max_tokens - len(done),
                 eos_token_ids=eos,
                 prefill_chunk_tokens=self.limits.prefill_chunk_tokens,
+                max_batch=self.limits.max_batch,
                 generated_before=len(done),
             )
             return worker_pb2.StageMessage(request_id=request_id, start=start)

@@ -136,6 +136,7 @@ class GenerationDefaults:
     max_tokens: int = 256
     prefill_chunk_tokens: int = 256
     max_context: int | None = None  # tokens of KV cache each stream may hold; None: the model's
+    max_batch: int = 32  # requests decoded together in one micro-batch (continuous batching)
 
 
 @dataclass(frozen=True)
@@ -253,13 +254,14 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     generation = GenerationDefaults()
     if root.get("generation") is not None:
         block = reader.block(root, "generation", "")
-        reader.keys(block, "generation", ("max_tokens", "prefill_chunk_tokens", "max_context"))
+        reader.keys(block, "generation", ("max_tokens", "prefill_chunk_tokens", "max_context", "max_batch"))
         generation = GenerationDefaults(
             max_tokens=reader.integer(block, "max_tokens", "generation", generation.max_tokens, 1),
             prefill_chunk_tokens=reader.integer(
                 block, "prefill_chunk_tokens", "generation", generation.prefill_chunk_tokens, 1
             ),
             max_context=reader.integer(block, "max_context", "generation", None, 1),
+            max_batch=reader.integer(block, "max_batch", "generation", generation.max_batch, 1, 1024),
         )
     recovery = root.get("recovery", True)
     if not isinstance(recovery, bool):

@@ -136,8 +136,18 @@ def _hidden(values: np.ndarray, dtype: str = "float32", shape=None) -> worker_pb
 
 def _activations(request_id: str, tensor: worker_pb2.Tensor) -> worker_pb2.StageMessage:
     return worker_pb2.StageMessage(
-        request_id=request_id, activations=worker_pb2.Activations(hidden=tensor, sample=True)
+        request_id=request_id, activations=worker_pb2.Activations(hidden=tensor)
     )
+
+
+def _decode_step(request_ids: list[str], tensor: worker_pb2.Tensor) -> worker_pb2.StageMessage:
+    step = worker_pb2.DecodeStep(batch=0, step=1, request_ids=request_ids, hidden=tensor)
+    return worker_pb2.StageMessage(request_id="batch-0", decode_step=step)
+
+
+def _decode_tokens(request_id: str, token_id: int) -> worker_pb2.StageMessage:
+    tokens = worker_pb2.DecodeTokens(batch=0, step=1, request_ids=[request_id], token_ids=[token_id])
+    return worker_pb2.StageMessage(request_id="batch-0", decode_tokens=tokens)
 
 
 def _experts(ports: Ports, **fields) -> Callable[[], str]:
@@ -206,6 +216,7 @@ def bad_inputs(ports: Ports) -> dict[str, tuple[Callable[[], object], object, st
     big = b"x" * (40 * 2**20)
     nan = np.full((1, 1, HIDDEN), np.nan, np.float32)
     ones = np.ones((1, 1, HIDDEN), np.float32)
+    ones_rows = np.ones((2, 1, HIDDEN), np.float32)
     return {
         "garbage bytes to Forward": (
             _raw(ports, "a", "stream_unary", "/pomona.v1.Worker/Forward", iter([b"\xff\xfe\x00garbage"])),
@@ -273,9 +284,16 @@ def bad_inputs(ports: Ports) -> dict[str, tuple[Callable[[], object], object, st
             None, "first stage takes token ids"),
         "next token beyond the vocabulary": (
             lambda: _request_error(ports, "a", "next-1", _start("next-1", max_tokens=30),
-                                   worker_pb2.StageMessage(request_id="next-1",
-                                                           next_token=worker_pb2.NextToken(token_id=10**9))),
+                                   _decode_tokens("next-1", 10**9)),
             None, "outside the vocabulary"),
+        "decode step rows that do not match its hidden states": (
+            lambda: _request_error(ports, "b", "rows-1", _started_at_b("rows-1"),
+                                   _decode_step(["rows-1"], _hidden(ones_rows))),
+            None, f"[1, 1, {HIDDEN}]"),
+        "a decode step naming a request twice": (
+            lambda: _request_error(ports, "b", "twice-1", _started_at_b("twice-1"),
+                                   _decode_step(["twice-1"] * 2, _hidden(ones_rows))),
+            None, "distinct requests"),
         "expert request for a layer not held": (lambda: _experts(ports, layer=99), None, "layer 99"),
         "negative expert id": (lambda: _experts(ports, pair_experts=[-1]), None, "expert ids must be"),
         "unknown expert id": (lambda: _experts(ports, pair_experts=[8]), None, "expert ids must be"),

@@ -12,10 +12,19 @@ while it is down fails at its first send.
 
 A request's life on the ring of stages:
   stage 0 gets ``start`` (with the prompt) from the coordinator -> passes ``start`` on -> prefill in
-  chunks (each chunk a job, so other requests' decode steps interleave) -> ``activations`` flow
-  stage to stage -> the last stage samples and sends ``next_token`` to stage 0 -> ... -> the last
-  stage sees EOS or max tokens, or stage 0 sees a cancel -> ``end`` travels the ring once and every
-  stage frees the request's caches.
+  chunks of all but the last prompt token (each chunk a job, so decode steps interleave) ->
+  ``activations`` flow stage to stage -> the request joins a decode micro-batch with its last
+  prompt token -> each ``decode_step`` advances every request of the micro-batch by one token in
+  one batched forward per stage (``worker.batching``) -> the last stage samples a token per row and
+  sends ``decode_tokens`` to stage 0, which starts the micro-batch's next step with the requests
+  that go on and those that joined meanwhile -> the last stage sees EOS or max tokens, or stage 0
+  sees a cancel -> ``end`` travels the ring once and every stage frees the request's caches (its
+  row leaves the micro-batch).
+
+Continuous batching: stage 0 keeps one micro-batch per stage, so that while one is computed on a
+stage the others are on the other stages (every stage busy); a request joins the smallest. Each
+request's tokens are those it gets alone: greedy, and seeded sampling (its key is a function of
+its seed and position only).
 """
 
 from __future__ import annotations
@@ -34,20 +43,31 @@ from mlx.utils import tree_flatten
 
 from pomona.proto import worker_pb2
 
+from .batching import MicroBatch, can_batch
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
-from .sampling import Sampler, SamplingConfig, TokenLogprobs
+from .sampling import Sampler, SamplingConfig, TokenLogprobs, sample_rows
 from .stage import StageModel
-from .validate import BadInput, ModelLimits, check_hidden, check_start, check_token, model_limits
+from .validate import (
+    BadInput,
+    ModelLimits,
+    check_decode_step,
+    check_hidden,
+    check_start,
+    check_token,
+    model_limits,
+)
 from .wire import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_BATCH = 32  # requests per decode micro-batch when the start message names none
+
 
 @dataclass
 class RequestState:
-    caches: list
+    caches: list | None  # its own caches; None once a batching micro-batch holds its rows
     max_tokens: int = 0
     eos_token_ids: frozenset[int] = frozenset()
     prompt: list[int] = field(default_factory=list)  # stage 0 only
@@ -56,6 +76,18 @@ class RequestState:
     sampler: Sampler | None = None  # last stage only
     generated: int = 0
     cancelled: bool = False
+    batch: int | None = None  # the decode micro-batch it joined (after its prefill)
+    next_input: int = 0  # stage 0: the token its next decode step takes
+
+
+@dataclass
+class BatchSlot:
+    """Stage 0's view of one decode micro-batch."""
+
+    members: list[str] = field(default_factory=list)  # decoding, in step order
+    joining: list[str] = field(default_factory=list)  # prefilled, waiting for the next step
+    in_flight: list[str] = field(default_factory=list)  # rows of the step on the ring (empty: idle)
+    step: int = 0
 
 
 class ResultHub:
@@ -102,6 +134,12 @@ class StageEngine:
         # Measured compute, for the scheduler's predicted-vs-measured view (`pomona status`).
         self.busy_s = self.decode_busy_s = 0.0
         self.decode_steps = 0
+        self.batch_steps = self.batch_rows = 0  # decode steps of any size, and their rows
+        # Continuous batching: each micro-batch's caches here; stage 0 also schedules them.
+        self.batching = False  # this stage's caches have a batch form (worker.batching)
+        self.batches: dict[int, MicroBatch] = {}
+        self.slots: list[BatchSlot] = []
+        self.max_batch = DEFAULT_MAX_BATCH
         self.dispatcher = Dispatcher(self.expert_stats)
         self.experts_only = False
         # Held by whichever thread runs MLX: the engine thread for every job, and, on a node that
@@ -172,15 +210,29 @@ class StageEngine:
             return True
 
     def _forget(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        state = self.requests.pop(request_id, None)
         with self._claim_lock:
             self._claimed.discard(request_id)
+        if state is None or state.batch is None:
+            return
+        batch = self.batches.get(state.batch)
+        if batch is not None:
+            batch.remove(request_id)  # its row leaves the micro-batch's caches
+        if self.slots:
+            slot = self.slots[state.batch]
+            for rows in (slot.members, slot.joining, slot.in_flight):
+                if request_id in rows:
+                    rows.remove(request_id)
 
     def install(self, stage: StageModel | None, index: int, count: int, next_link) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
         self.limits = model_limits(stage.model, self.max_message_bytes) if stage is not None else None
         self.next_link = next_link if count > 1 else None
         self.experts_only = stage is None and self.dispatcher.host is not None
+        self.batching = stage is not None and can_batch(stage.new_caches())
+        self.batches.clear()
+        # One micro-batch per stage: each stage computes one while the others travel.
+        self.slots = [BatchSlot() for _ in range(count)] if stage is not None and index == 0 else []
 
     def on_next_link_broken(self, reason: str) -> None:
         """The next stage is gone: every request here needs it, so fail them all now (engine
@@ -190,9 +242,13 @@ class StageEngine:
             self.results.publish(
                 worker_pb2.TokenEvent(request_id=request_id, error=f"next stage {reason}")
             )
+        self.batches.clear()
+        self.slots = [BatchSlot() for _ in self.slots]
 
     def release(self) -> None:
         self.requests.clear()
+        self.batches.clear()
+        self.slots = []
         self.expert_stats.fold_counters()
         with self._claim_lock:
             self._claimed.clear()
@@ -213,11 +269,12 @@ class StageEngine:
         return total
 
     def cache_bytes(self) -> int:
-        return sum(
-            getattr(cache, "nbytes", 0) for state in self.requests.values() for cache in state.caches
-        )
+        own = (state.caches or [] for state in self.requests.values())
+        batched = (batch.caches or [] for batch in self.batches.values())
+        return sum(getattr(cache, "nbytes", 0) for caches in (*own, *batched) for cache in caches)
 
     # -- the data plane (engine thread) ----------------------------------------------------------
+
 
     @property
     def _is_last(self) -> bool:
@@ -235,21 +292,38 @@ class StageEngine:
     def _handle(self, message: worker_pb2.StageMessage) -> None:
         request_id = message.request_id
         kind = message.WhichOneof("body")
+        body = getattr(message, kind)
+        batched = kind in ("decode_step", "decode_tokens")
         if self.stage is None:
-            self._fail(request_id, "this worker has no shard loaded")
+            for each in list(body.request_ids) if batched else [request_id]:
+                self._fail(each, "this worker has no shard loaded")
             return
-        self._guarded(request_id, lambda: getattr(self, f"_on_{kind}")(request_id, getattr(message, kind)))
+        handler = getattr(self, f"_on_{kind}")
+        if batched:
+            self._guarded_batch(list(body.request_ids), lambda: handler(body))
+        else:
+            self._guarded(request_id, lambda: handler(request_id, body))
+        if self.slots:
+            self._kick_idle()
 
     def _guarded(self, request_id: str, work: Callable[[], None]) -> None:
         """Run a request's work; a failure fails that request alone (reported, caches freed)."""
+        self._guarded_batch([request_id], work)
+
+    def _guarded_batch(self, request_ids: list[str], work: Callable[[], None]) -> None:
+        """Run the work of these requests (one, or a decode step's rows); a failure fails each of
+        them (reported, caches freed) and no other."""
         try:
             work()
+            return
         except (LinkBroken, BadInput) as error:  # one line: the message names the node or field
-            log.error("request %s failed on stage %d: %s", request_id, self.stage_index, error)
-            self._fail(request_id, f"stage {self.stage_index}: {error}")
+            log.error("request(s) %s failed on stage %d: %s", ", ".join(request_ids), self.stage_index, error)
+            reason = f"stage {self.stage_index}: {error}"
         except Exception as error:
-            log.exception("request %s failed on stage %d", request_id, self.stage_index)
-            self._fail(request_id, f"stage {self.stage_index}: {type(error).__name__}: {error}")
+            log.exception("request(s) %s failed on stage %d", ", ".join(request_ids), self.stage_index)
+            reason = f"stage {self.stage_index}: {type(error).__name__}: {error}"
+        for request_id in request_ids:
+            self._fail(request_id, reason)
 
     def _fail(self, request_id: str, reason: str) -> None:
         self.results.publish(worker_pb2.TokenEvent(request_id=request_id, error=reason))
@@ -285,6 +359,7 @@ class StageEngine:
             state.prompt = list(start.prompt_token_ids)
             if not state.prompt:
                 raise ValueError("empty prompt")
+            self.max_batch = max(1, start.max_batch or DEFAULT_MAX_BATCH)
         if not self._is_last:
             onward = worker_pb2.StartRequest()
             onward.CopyFrom(start)
@@ -293,11 +368,13 @@ class StageEngine:
         if self.stage_index == 0:
             self._prefill_chunk(request_id)
 
+    # -- prefill (one request per forward) -------------------------------------------------------
+
     def _prefill_chunk(self, request_id: str) -> None:
         """Stage 0: push the next chunk of the prompt into the pipeline.
 
         Like mlx-lm's ``generate_step``, all but the last prompt token go in chunks; the last token
-        goes alone and the last stage samples after it.
+        goes in the request's first decode step, whose logits give its first token.
         """
         state = self.requests.get(request_id)
         if state is None:
@@ -306,42 +383,31 @@ class StageEngine:
             self._end(request_id, origin=self.stage_index)
             return
         remaining = len(state.prompt) - state.position
-        if remaining > 1:
-            count = min(state.prefill_chunk_tokens, remaining - 1)
-            sample = False
-        else:
-            count, sample = remaining, True
+        if remaining <= 1:
+            self._join(request_id, state)
+            return
+        count = min(state.prefill_chunk_tokens, remaining - 1)
         ids = state.prompt[state.position : state.position + count]
         state.position += count
-        self._step(request_id, state, mx.array([ids], dtype=mx.int32), sample)
-        if not sample:  # requeue, so that other requests' steps run between chunks
-            next_chunk = lambda: self._guarded(request_id, lambda: self._prefill_chunk(request_id))  # noqa: E731
-            self._jobs.put((next_chunk, None))
+        self._prefill_step(request_id, state, mx.array([ids], dtype=mx.int32))
 
-    def _step(self, request_id: str, state: RequestState, inputs: mx.array, sample: bool) -> None:
+        def next_chunk() -> None:  # requeued, so that decode steps run between chunks
+            self._guarded(request_id, lambda: self._prefill_chunk(request_id))
+            self._kick_idle()
+
+        self._jobs.put((next_chunk, None))
+
+    def _prefill_step(self, request_id: str, state: RequestState, inputs: mx.array) -> None:
         started = time.perf_counter()
         hidden = self.stage.forward(inputs, state.caches)  # [1, L, D]
-        if not self._is_last:
-            encoded = encode_tensor(hidden)  # evaluates: the step's compute ends here
-            self._count_busy(started, inputs.shape[1] == 1)
-            activations = worker_pb2.Activations(hidden=encoded, sample=sample)
-            self._forward(worker_pb2.StageMessage(request_id=request_id, activations=activations))
-        elif sample:
-            logits = self.stage.logits(hidden)
-            token = state.sampler(logits)
-            logprobs = state.sampler.report(logits, token)
-            self._count_busy(started, inputs.shape[1] == 1)
-            self._emit_token(request_id, state, token, logprobs)
-        else:
+        if self._is_last:
             mx.eval(hidden)  # a prefill chunk: only the caches matter
-            self._count_busy(started, False)
-
-    def _count_busy(self, started: float, decode: bool) -> None:
-        elapsed = time.perf_counter() - started
-        self.busy_s += elapsed
-        if decode:
-            self.decode_busy_s += elapsed
-            self.decode_steps += 1
+            self._count_busy(started)
+            return
+        encoded = encode_tensor(hidden)  # evaluates: the step's compute ends here
+        self._count_busy(started)
+        activations = worker_pb2.Activations(hidden=encoded)
+        self._forward(worker_pb2.StageMessage(request_id=request_id, activations=activations))
 
     def _on_activations(self, request_id: str, activations: worker_pb2.Activations) -> None:
         state = self.requests.get(request_id)
@@ -349,12 +415,150 @@ class StageEngine:
             return  # the request ended (failed or cancelled) while this was in flight
         if self.stage.is_first:
             raise BadInput("the first stage takes token ids, not hidden states")
+        if state.caches is None:
+            raise BadInput(f"request {request_id!r} is decoding; it takes no more prefill chunks")
         check_hidden(activations.hidden, self.limits.hidden_size, state.prefill_chunk_tokens)
-        self._step(request_id, state, decode_tensor(activations.hidden), activations.sample)
+        self._prefill_step(request_id, state, decode_tensor(activations.hidden))
+
+    def _count_busy(self, started: float, rows: int = 0) -> None:
+        elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
+        if rows:
+            self.batch_steps += 1
+            self.batch_rows += rows
+        if rows == 1:  # the single-stream step the scheduler predicts
+            self.decode_busy_s += elapsed
+            self.decode_steps += 1
+
+    # -- decode micro-batches (continuous batching) ----------------------------------------------
+
+    def _join(self, request_id: str, state: RequestState) -> None:
+        """Stage 0: a prefilled request joins the micro-batch with the fewest requests; its last
+        prompt token goes in that micro-batch's next step."""
+        state.position = len(state.prompt)
+        state.next_input = state.prompt[-1]
+        sizes = [len(slot.members) + len(slot.joining) for slot in self.slots]
+        index = sizes.index(min(sizes))
+        state.batch = index
+        self.slots[index].joining.append(request_id)
+
+    def _kick_idle(self) -> None:
+        """Stage 0: start the next step of every micro-batch that is not on the ring and has
+        requests (called after each job, so that a step starts as soon as it can)."""
+        for index, slot in enumerate(self.slots):
+            if not slot.in_flight and (slot.members or slot.joining):
+                rows = [*slot.members, *slot.joining]
+                self._guarded_batch(rows, lambda index=index: self._start_step(index))
+
+    def _start_step(self, index: int) -> None:
+        slot = self.slots[index]
+        for request_id in [*slot.members, *slot.joining]:
+            if self.requests[request_id].cancelled:
+                self._end(request_id, origin=self.stage_index)  # leaves the slot (``_forget``)
+        room = max(0, self.max_batch - len(slot.members))
+        slot.members += slot.joining[:room]
+        del slot.joining[:room]
+        if not slot.members:
+            return
+        slot.step += 1
+        slot.in_flight = list(slot.members)
+        inputs = mx.array([[self.requests[r].next_input] for r in slot.members], dtype=mx.int32)
+        self._decode_step(index, slot.step, list(slot.members), inputs)
+
+    def _take_caches(self, request_id: str) -> list:
+        """A joining request's own prefilled caches, handed over to its micro-batch."""
+        state = self.requests[request_id]
+        caches, state.caches = state.caches, None
+        if caches is None:
+            raise BadInput(f"request {request_id!r} is already in a micro-batch")
+        return caches
+
+    def _decode_step(self, index: int, step: int, request_ids: list[str], inputs: mx.array) -> None:
+        """One step of micro-batch ``index``: ``inputs`` (token ids ``[rows, 1]`` or hidden states
+        ``[rows, 1, D]``), one row per request, through this stage's layers in one forward."""
+        known = [i for i, request_id in enumerate(request_ids) if request_id in self.requests]
+        if len(known) < len(request_ids):  # ended here already (its ``end`` is on its way to stage 0)
+            request_ids = [request_ids[i] for i in known]
+            inputs = inputs[mx.array(known, dtype=mx.int32)] if known else inputs[:0]
+        if not request_ids:
+            if self._is_last:
+                self._send_tokens(index, step, [], [])
+            return
+        started = time.perf_counter()
+        try:
+            hidden = self._batch_forward(index, request_ids, inputs)
+        except Exception:
+            self.batches.pop(index, None)  # its caches may be half updated: every row fails
+            raise
+        if not self._is_last:
+            encoded = encode_tensor(hidden)  # evaluates: the step's compute ends here
+            self._count_busy(started, len(request_ids))
+            onward = worker_pb2.DecodeStep(batch=index, step=step, request_ids=request_ids, hidden=encoded)
+            self._forward(worker_pb2.StageMessage(request_id=f"batch-{index}", decode_step=onward))
+            return
+        logits = self.stage.row_logits(hidden)  # [rows, vocab]
+        states = [self.requests[request_id] for request_id in request_ids]
+        tokens = sample_rows([state.sampler for state in states], logits)
+        reports = [state.sampler.report(logits[i], tokens[i]) for i, state in enumerate(states)]
+        self._count_busy(started, len(request_ids))
+        going, going_tokens = [], []
+        for request_id, state, token, logprobs in zip(request_ids, states, tokens, reports):
+            if not self._emit_token(request_id, state, token, logprobs):
+                going.append(request_id)
+                going_tokens.append(token)
+        self._send_tokens(index, step, going, going_tokens)
+
+    def _batch_forward(self, index: int, request_ids: list[str], inputs: mx.array) -> mx.array:
+        batch = self.batches.get(index)
+        if batch is None:
+            batch = self.batches[index] = MicroBatch(self.batching)
+        batch.sync(request_ids, self._take_caches)
+        for request_id in request_ids:
+            self.requests[request_id].batch = index
+        if batch.batched:
+            return self.stage.forward(inputs, batch.caches)  # [rows, 1, D]
+        # This stage's caches have no batch form: the same step, one request at a time.
+        rows = [
+            self.stage.forward(inputs[i : i + 1], self.requests[request_id].caches)
+            for i, request_id in enumerate(request_ids)
+        ]
+        return mx.concatenate(rows, axis=0)
+
+    def _send_tokens(self, index: int, step: int, request_ids: list[str], tokens: list[int]) -> None:
+        """Last stage -> stage 0: the step's tokens of the requests that go on (the ended ones'
+        ``end`` messages went first)."""
+        message = worker_pb2.DecodeTokens(batch=index, step=step, request_ids=request_ids, token_ids=tokens)
+        self._forward(worker_pb2.StageMessage(request_id=f"batch-{index}", decode_tokens=message))
+
+    def _on_decode_step(self, step: worker_pb2.DecodeStep) -> None:
+        if self.stage.is_first:
+            raise BadInput("the first stage takes token ids, not hidden states")
+        check_decode_step(step, self.limits.hidden_size)
+        self._decode_step(step.batch, step.step, list(step.request_ids), decode_tensor(step.hidden))
+
+    def _on_decode_tokens(self, message: worker_pb2.DecodeTokens) -> None:
+        if self.stage_index != 0:
+            raise BadInput("only the first stage takes a decode step's tokens")
+        if not 0 <= message.batch < len(self.slots) or len(message.token_ids) != len(message.request_ids):
+            raise BadInput(f"decode tokens for micro-batch {message.batch} do not match its rows")
+        for token in message.token_ids:
+            check_token(token, self.limits, "next token id")
+        slot = self.slots[message.batch]
+        if message.step != slot.step or not slot.in_flight:
+            return  # a step whose rows all ended meanwhile: its micro-batch went on without it
+        slot.in_flight = []
+        slot.members = []
+        for request_id, token in zip(message.request_ids, message.token_ids):
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.next_input = token
+                slot.members.append(request_id)
+        # The next step starts after this job (``_kick_idle``), with the requests that joined.
 
     def _emit_token(
         self, request_id: str, state: RequestState, token: int, logprobs: TokenLogprobs | None = None
-    ) -> None:
+    ) -> bool:
+        """Report a sampled token to the coordinator; True when the request ends with it."""
         state.generated += 1
         if token in state.eos_token_ids:
             finish = "stop"
@@ -364,28 +568,14 @@ class StageEngine:
             finish = ""
         if finish:
             self._end(request_id, origin=self.stage_index)
-        else:
-            next_token = worker_pb2.NextToken(token_id=token)
-            self._forward(worker_pb2.StageMessage(request_id=request_id, next_token=next_token))
-        # Stage 0 already has the token; the coordinator's copy is off the critical path.
+        # Stage 0 gets the token in the step's tokens; the coordinator's copy is off the critical path.
         event = worker_pb2.TokenEvent(request_id=request_id, token_id=token, finish_reason=finish)
         if logprobs is not None:
             event.logprobs.logprob = logprobs.logprob
             event.logprobs.top_token_ids.extend(token_id for token_id, _ in logprobs.top)
             event.logprobs.top_logprobs.extend(value for _, value in logprobs.top)
         self.results.publish(event)
-
-    def _on_next_token(self, request_id: str, next_token: worker_pb2.NextToken) -> None:
-        state = self.requests.get(request_id)
-        if state is None:
-            return
-        if state.cancelled:
-            self._end(request_id, origin=self.stage_index)
-            return
-        if self.stage_index != 0:
-            raise BadInput("only the first stage takes the next token")
-        check_token(next_token.token_id, self.limits, "next token id")
-        self._step(request_id, state, mx.array([[next_token.token_id]], dtype=mx.int32), True)
+        return bool(finish)
 
     def _end(self, request_id: str, origin: int) -> None:
         self._forget(request_id)

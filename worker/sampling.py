@@ -84,3 +84,19 @@ class Sampler:
         order = mx.argsort(-top_values)
         top_ids, top_values = top_ids[order].tolist(), top_values[order].tolist()
         return TokenLogprobs(logprobs[token].item(), tuple(zip(top_ids, top_values)))
+
+
+def sample_rows(samplers: list[Sampler], logits: mx.array) -> list[int]:
+    """One token per row of ``logits`` ``[rows, vocab]``, row ``i`` by ``samplers[i]`` (a decode
+    micro-batch). Greedy rows take one argmax over the rows; sampled rows each their own key."""
+    greedy = [i for i, sampler in enumerate(samplers) if sampler.config.temperature <= 0]
+    tokens = [0] * len(samplers)
+    if greedy:
+        rows = logits if len(greedy) == len(samplers) else logits[mx.array(greedy, dtype=mx.int32)]
+        for i, token in zip(greedy, mx.argmax(rows, axis=-1).tolist()):
+            samplers[i].position += 1
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if sampler.config.temperature > 0:
+            tokens[i] = sampler(logits[i])
+    return tokens

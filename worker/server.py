@@ -193,6 +193,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # Plain numbers the engine only adds to: read here, without waiting for the engine thread.
         status.busy_s, status.decode_busy_s = self.engine.busy_s, self.engine.decode_busy_s
         status.decode_steps = self.engine.decode_steps
+        status.batch_steps, status.batch_rows = self.engine.batch_steps, self.engine.batch_rows
         meter = self._power_meter()
         if meter is not None:
             try:

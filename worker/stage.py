@@ -68,7 +68,8 @@ class StageModel:
         return [self.adapter.make_cache(i) for i in self.layer_indices]
 
     def forward(self, inputs: mx.array, caches: list) -> mx.array:
-        """Token ids ``[1, L]`` (first stage) or hidden states ``[1, L, D]`` -> hidden ``[1, L, D]``."""
+        """Token ids ``[B, L]`` (first stage) or hidden states ``[B, L, D]`` -> hidden ``[B, L, D]``
+        (B > 1: a decode micro-batch, ``caches`` its batch caches)."""
         hidden = self.adapter.embed(inputs) if self.is_first else inputs
         masks = self.adapter.masks(hidden, self.layer_indices, caches)
         for layer, cache, mask in zip(self.layers, caches, masks):
@@ -81,6 +82,10 @@ class StageModel:
     def logits(self, hidden: mx.array) -> mx.array:
         """Last stage only: final norm and head on the last position -> ``[vocab]``."""
         return self.adapter.head(hidden[:, -1:, :])[0, -1]
+
+    def row_logits(self, hidden: mx.array) -> mx.array:
+        """Last stage, a decode micro-batch: hidden ``[rows, 1, D]`` -> logits ``[rows, vocab]``."""
+        return self.adapter.head(hidden)[:, -1]
 
 
 def _read_architecture(model_path: Path) -> str:

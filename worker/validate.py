@@ -24,6 +24,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 _BF16_EXPONENT = np.uint16(0x7F80)  # all exponent bits set: inf or NaN
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_BATCH_ROWS = 1024  # requests in one decode step
 MAX_LINK_TARGETS = 64
 MAX_PROBE_ROUNDS = 10_000
 MAX_PROBE_TIMEOUT_S = 600.0
@@ -103,6 +104,8 @@ def check_start(start, limits: ModelLimits, is_first: bool) -> None:
     if not 0 <= start.prefill_chunk_tokens <= most:
         raise BadInput(f"prefill_chunk_tokens must be between 1 and {most} (this worker's message "
                        f"cap), got {start.prefill_chunk_tokens}")
+    if not 0 <= start.max_batch <= MAX_BATCH_ROWS:
+        raise BadInput(f"max_batch must be between 1 and {MAX_BATCH_ROWS}, got {start.max_batch}")
     sampling = start.sampling
     if _finite("temperature", sampling.temperature) < 0:
         raise BadInput(f"temperature must be >= 0, got {sampling.temperature}")
@@ -117,16 +120,42 @@ def check_start(start, limits: ModelLimits, is_first: bool) -> None:
 def check_hidden(tensor, width: int, max_rows: int, rank: int = 3) -> None:
     """Hidden states: ``[1, tokens, width]`` (rank 3) or ``[rows, width]`` (rank 2), a float dtype,
     1 to ``max_rows`` tokens, exactly the bytes the shape needs, and no inf or NaN."""
-    numpy_dtype = FLOAT_DTYPES.get(tensor.dtype)
-    if numpy_dtype is None:
-        raise BadInput(f"hidden states must be one of {sorted(FLOAT_DTYPES)}, "
-                       f"got dtype {tensor.dtype!r}")
+    numpy_dtype = _float_dtype(tensor)
     shape = list(tensor.shape)
     expected = "[1, tokens, {w}]" if rank == 3 else "[rows, {w}]"
     if (len(shape) != rank or (width and shape[-1] != width) or (rank == 3 and shape[0] != 1)
             or not 1 <= shape[-2] <= max_rows):
         raise BadInput(f"hidden states must have shape {expected.format(w=width)} with 1 to "
                        f"{max_rows} tokens, got {shape}")
+    _check_values(tensor, shape, numpy_dtype)
+
+
+def check_decode_step(step, width: int) -> None:
+    """A decode step: 1 to MAX_BATCH_ROWS distinct valid request ids, hidden ``[rows, 1, width]``."""
+    ids = list(step.request_ids)
+    if not 1 <= len(ids) <= MAX_BATCH_ROWS or len(set(ids)) != len(ids):
+        raise BadInput(f"a decode step names 1 to {MAX_BATCH_ROWS} distinct requests, got {len(ids)}")
+    bad = next((request_id for request_id in ids if not REQUEST_ID.fullmatch(request_id)), None)
+    if bad is not None:
+        raise BadInput(f"a decode step names request id {bad[:40]!r}, which is not 1-128 characters "
+                       "of letters, digits and _ . : -")
+    numpy_dtype = _float_dtype(step.hidden)
+    shape = list(step.hidden.shape)
+    if shape != [len(ids), 1, width or (shape or [0])[-1]]:
+        raise BadInput(f"hidden states of a decode step of {len(ids)} requests must have shape "
+                       f"[{len(ids)}, 1, {width}], got {shape}")
+    _check_values(step.hidden, shape, numpy_dtype)
+
+
+def _float_dtype(tensor):
+    numpy_dtype = FLOAT_DTYPES.get(tensor.dtype)
+    if numpy_dtype is None:
+        raise BadInput(f"hidden states must be one of {sorted(FLOAT_DTYPES)}, "
+                       f"got dtype {tensor.dtype!r}")
+    return numpy_dtype
+
+
+def _check_values(tensor, shape: list[int], numpy_dtype) -> None:
     itemsize = np.dtype(numpy_dtype).itemsize
     if len(tensor.data) != math.prod(shape) * itemsize:
         raise BadInput(f"hidden states of shape {shape} and dtype {tensor.dtype} need "

@@ -235,7 +235,7 @@ class StatusRequest(_message.Message):
     def __init__(self, counters_only: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter")
+    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter", "batch_steps", "batch_rows")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,8 @@ class WorkerStatus(_message.Message):
     ENERGY_MEASURED_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     POWER_METER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     layer_start: int
     layer_end: int
@@ -268,7 +270,9 @@ class WorkerStatus(_message.Message):
     energy_measured: bool
     energy_j: float
     power_meter: str
-    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., busy_s: _Optional[float] = ..., decode_busy_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., energy_measured: _Optional[bool] = ..., energy_j: _Optional[float] = ..., power_meter: _Optional[str] = ...) -> None: ...
+    batch_steps: int
+    batch_rows: int
+    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., busy_s: _Optional[float] = ..., decode_busy_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., energy_measured: _Optional[bool] = ..., energy_j: _Optional[float] = ..., power_meter: _Optional[str] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ()
@@ -287,34 +291,52 @@ class ShutdownReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens", "generated_before")
+    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens", "generated_before", "max_batch")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefill_chunk_tokens: int
     generated_before: int
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ..., generated_before: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ..., generated_before: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class Activations(_message.Message):
-    __slots__ = ("hidden", "sample")
+    __slots__ = ("hidden",)
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
-    sample: bool
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
-class NextToken(_message.Message):
-    __slots__ = ("token_id",)
-    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    token_id: int
-    def __init__(self, token_id: _Optional[int] = ...) -> None: ...
+class DecodeStep(_message.Message):
+    __slots__ = ("batch", "step", "request_ids", "hidden")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    step: int
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    hidden: Tensor
+    def __init__(self, batch: _Optional[int] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DecodeTokens(_message.Message):
+    __slots__ = ("batch", "step", "request_ids", "token_ids")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    step: int
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batch: _Optional[int] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndRequest(_message.Message):
     __slots__ = ("origin",)
@@ -327,20 +349,22 @@ class CancelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageMessage(_message.Message):
-    __slots__ = ("request_id", "start", "activations", "next_token", "end", "cancel")
+    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
-    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start: StartRequest
     activations: Activations
-    next_token: NextToken
     end: EndRequest
     cancel: CancelRequest
-    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., next_token: _Optional[_Union[NextToken, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
+    decode_step: DecodeStep
+    decode_tokens: DecodeTokens
+    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()

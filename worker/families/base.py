@@ -32,7 +32,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import ChunkedKVCache, KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    BatchRotatingKVCache,
+    ChunkedKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 from mlx_lm.models.switch_layers import (
     QuantizedSwitchLinear,
     SwitchGLU,
@@ -271,7 +277,7 @@ class StageAdapter:
         by_kind: dict[tuple, Any] = {}
         masks = []
         for cache in caches:
-            window = cache.max_size if isinstance(cache, RotatingKVCache) else None
+            window = cache.max_size if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)) else None
             kind = (type(cache), window)
             if kind not in by_kind:
                 by_kind[kind] = self.mask_for(hidden, cache, window)
