@@ -156,7 +156,21 @@ class _ClusterCollector:
         energy = CounterMetricFamily(
             "pomona_node_energy_joules", "Energy since the cluster came up", labels=["node", "source"]
         )
+        steps = CounterMetricFamily(
+            "pomona_stage_decode_steps", "Decode steps (batched forwards) each stage ran", labels=["node"]
+        )
+        rows = CounterMetricFamily(
+            "pomona_stage_decode_rows", "Requests in those steps (rows / steps: the batch size)", labels=["node"]
+        )
+        batch = GaugeMetricFamily(
+            "pomona_stage_batch_size", "Mean requests per decode step of each stage so far", labels=["node"]
+        )
         for stage in status.stages:
+            if not stage.experts_only:
+                steps.add_metric([stage.node], stage.batch_steps)
+                rows.add_metric([stage.node], stage.batch_rows)
+                if stage.batch_steps:
+                    batch.add_metric([stage.node], stage.batch_rows / stage.batch_steps)
             if stage.measured_compute_s:
                 compute.add_metric([stage.node, "measured"], stage.measured_compute_s)
             if stage.predicted_compute_s:
@@ -167,7 +181,7 @@ class _ClusterCollector:
             if stage.power_basis:
                 power.add_metric([stage.node, _source(stage.power_basis)], stage.power_w)
                 energy.add_metric([stage.node, _source(stage.power_basis)], stage.energy_j)
-        yield from (compute, memory, cache, active, power, energy)
+        yield from (compute, memory, cache, active, power, energy, steps, rows, batch)
         links = GaugeMetricFamily(
             "pomona_link_latency_seconds",
             "One-way latency of each link, measured at bring-up",

@@ -80,6 +80,7 @@ def test_sixteen_concurrent_streams_equal_each_alone_and_the_queue_limit(served)
     cluster, url, client = served
     max_tokens = 20
     alone = [_stream_text(client, p, max_tokens) for p in PROMPTS]
+    before = {s.node: (s.batch_steps, s.batch_rows) for s in cluster.status().stages}
     with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
         futures = [pool.submit(_stream_text, client, p, max_tokens) for p in PROMPTS]
         # With every slot taken and max_queue 0, one more request is refused at once.
@@ -96,6 +97,13 @@ def test_sixteen_concurrent_streams_equal_each_alone_and_the_queue_limit(served)
     assert int(headers["Retry-After"]) >= 1 and reply["error"]["type"] == "rate_limit_error"
     assert together == alone
     assert all(text for text in together)
+    # Continuous batching: on each stage, the streams shared decode steps (the experts node b
+    # holds for stage a's layers get a step's tokens in one dispatch per MoE layer).
+    for stage in cluster.status().stages:
+        if not stage.experts_only:
+            steps = stage.batch_steps - before[stage.node][0]
+            rows = stage.batch_rows - before[stage.node][1]
+            assert rows >= CONCURRENCY and steps < rows / 2, (stage.node, steps, rows)
 
 
 def _cache_state(cluster) -> list[tuple[int, int]]:
@@ -174,6 +182,8 @@ def test_metrics(served):
     on_b = [s for s in experts if s.labels["node"] == "b" and s.labels["layer"] in ("0", "1")]
     assert on_b and sum(s.value for s in on_b) > 0
     assert samples["pomona_cluster_ready"][0].value == 1
+    batch = {s.labels["node"]: s.value for s in samples["pomona_stage_batch_size"]}
+    assert set(batch) == {"a", "b"} and all(size >= 1 for size in batch.values())
 
 
 @pytest.mark.skipif(
