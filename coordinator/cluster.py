@@ -395,11 +395,12 @@ class Cluster:
     async def _consume_results(self, node_name: str, subscribed: asyncio.Event) -> None:
         stub = self.nodes[node_name].stub
         try:
-            async for event in stub.Results(worker_pb2.ResultsRequest()):
-                if not event.request_id:
+            async for message in stub.Results(worker_pb2.ResultsRequest()):
+                if not message.events:
                     subscribed.set()
                     continue
-                self.router.dispatch(event)
+                for event in message.events:
+                    self.router.dispatch(event)
         except grpc.aio.AioRpcError as error:
             self._node_lost(node_name, error.details() or str(error.code()))
 

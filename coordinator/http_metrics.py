@@ -2,9 +2,9 @@
 page polls (`GET /api/cluster`).
 
 Request-side figures (requests, tokens, time to first token, inter-token latency, queue depth,
-active requests) are recorded as requests run. Cluster-side figures (per-stage compute, per-link
-latency, memory and KV cache, power and energy labelled `measured` or `estimated`, expert load)
-come from one snapshot of the coordinator's own status and expert statistics (the same answers as
+active requests) are recorded as requests run. Cluster-side figures (per-stage compute and batch
+size, per-link latency, memory and KV cache, power and energy labelled `measured` or
+`estimated`, expert load) come from one snapshot of the coordinator's own status and expert statistics (the same answers as
 `pomona status --json` and `pomona status --experts`), taken at most once a second however often
 it is asked.
 """
@@ -160,7 +160,9 @@ class _ClusterCollector:
             "pomona_stage_decode_steps", "Decode steps (batched forwards) each stage ran", labels=["node"]
         )
         rows = CounterMetricFamily(
-            "pomona_stage_decode_rows", "Requests in those steps (rows / steps: the batch size)", labels=["node"]
+            "pomona_stage_decode_rows",
+            "Requests in those steps (rows / steps: the batch size)",
+            labels=["node"],
         )
         batch = GaugeMetricFamily(
             "pomona_stage_batch_size", "Mean requests per decode step of each stage so far", labels=["node"]

@@ -78,8 +78,8 @@ def cluster(tmp_path_factory):
 
         def collect(stream) -> None:
             try:
-                for event in stream:
-                    if event.request_id:
+                for message in stream:
+                    for event in message.events:
                         ports.event_queue(event.request_id).put(event)
             except grpc.RpcError:
                 pass  # cancelled at teardown

@@ -108,10 +108,11 @@ class ResultHub:
             if subscriber in self._subscribers:
                 self._subscribers.remove(subscriber)
 
-    def publish(self, event: worker_pb2.TokenEvent) -> None:
+    def publish(self, *events: worker_pb2.TokenEvent) -> None:
+        """Events that travel together (a decode step's tokens) in one message."""
         with self._lock:
             for subscriber in self._subscribers:
-                subscriber.put(event)
+                subscriber.put(events)
 
 
 class StageEngine:
@@ -501,12 +502,17 @@ class StageEngine:
         tokens = sample_rows([state.sampler for state in states], logits)
         reports = [state.sampler.report(logits[i], tokens[i]) for i, state in enumerate(states)]
         self._count_busy(started, len(request_ids))
-        going, going_tokens = [], []
+        going, going_tokens, events = [], [], []
         for request_id, state, token, logprobs in zip(request_ids, states, tokens, reports):
-            if not self._emit_token(request_id, state, token, logprobs):
+            event = self._token_event(request_id, state, token, logprobs)
+            events.append(event)
+            if not event.finish_reason:
                 going.append(request_id)
                 going_tokens.append(token)
         self._send_tokens(index, step, going, going_tokens)
+        # Stage 0 has the tokens; the coordinator's copy, one message per step, is off the
+        # critical path.
+        self.results.publish(*events)
 
     def _batch_forward(self, index: int, request_ids: list[str], inputs: mx.array) -> mx.array:
         batch = self.batches.get(index)
@@ -555,10 +561,10 @@ class StageEngine:
                 slot.members.append(request_id)
         # The next step starts after this job (``_kick_idle``), with the requests that joined.
 
-    def _emit_token(
-        self, request_id: str, state: RequestState, token: int, logprobs: TokenLogprobs | None = None
-    ) -> bool:
-        """Report a sampled token to the coordinator; True when the request ends with it."""
+    def _token_event(
+        self, request_id: str, state: RequestState, token: int, logprobs: TokenLogprobs | None
+    ) -> worker_pb2.TokenEvent:
+        """A sampled token's event for the coordinator; a request that ends with it ends here."""
         state.generated += 1
         if token in state.eos_token_ids:
             finish = "stop"
@@ -568,14 +574,12 @@ class StageEngine:
             finish = ""
         if finish:
             self._end(request_id, origin=self.stage_index)
-        # Stage 0 gets the token in the step's tokens; the coordinator's copy is off the critical path.
         event = worker_pb2.TokenEvent(request_id=request_id, token_id=token, finish_reason=finish)
         if logprobs is not None:
             event.logprobs.logprob = logprobs.logprob
             event.logprobs.top_token_ids.extend(token_id for token_id, _ in logprobs.top)
             event.logprobs.top_logprobs.extend(value for _, value in logprobs.top)
-        self.results.publish(event)
-        return bool(finish)
+        return event
 
     def _end(self, request_id: str, origin: int) -> None:
         self._forget(request_id)

@@ -30,6 +30,7 @@ from .stage import ExpertPlan, load_expert_host, load_stage
 from .validate import expert_request_problem, load_problem, measure_problem, profile_problem, stream_problem
 
 log = logging.getLogger(__name__)
+MAX_EVENTS_PER_MESSAGE = 4096  # token events coalesced into one Results message
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -255,13 +256,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Results(self, request, context):
         subscriber = self.engine.results.subscribe()
-        yield worker_pb2.TokenEvent()  # "subscribed": events from now on reach this stream
+        yield worker_pb2.TokenEvents()  # "subscribed": events from now on reach this stream
         try:
             while context.is_active():
                 try:
-                    yield subscriber.get(timeout=0.5)
+                    events = list(subscriber.get(timeout=0.5))
                 except queue.Empty:
                     continue
+                while len(events) < MAX_EVENTS_PER_MESSAGE:  # whatever else is waiting goes too
+                    try:
+                        events.extend(subscriber.get_nowait())
+                    except queue.Empty:
+                        break
+                yield worker_pb2.TokenEvents(events=events)
         finally:
             self.engine.results.unsubscribe(subscriber)
 

@@ -67,7 +67,7 @@ class WorkerStub:
         self.Results = channel.unary_stream(
                 '/pomona.v1.Worker/Results',
                 request_serializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
-                response_deserializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
+                response_deserializer=pomona_dot_proto_dot_worker__pb2.TokenEvents.FromString,
                 _registered_method=True)
         self.Experts = channel.stream_stream(
                 '/pomona.v1.Worker/Experts',
@@ -144,6 +144,7 @@ class WorkerServicer:
 
     def Results(self, request, context):
         """The last stage's sampled tokens, streamed to the coordinator (off the critical path).
+        A decode step's tokens travel together; the first message (no events) says "subscribed".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,7 +222,7 @@ def add_WorkerServicer_to_server(servicer, server):
             'Results': grpc.unary_stream_rpc_method_handler(
                     servicer.Results,
                     request_deserializer=pomona_dot_proto_dot_worker__pb2.ResultsRequest.FromString,
-                    response_serializer=pomona_dot_proto_dot_worker__pb2.TokenEvent.SerializeToString,
+                    response_serializer=pomona_dot_proto_dot_worker__pb2.TokenEvents.SerializeToString,
             ),
             'Experts': grpc.stream_stream_rpc_method_handler(
                     servicer.Experts,
@@ -437,7 +438,7 @@ class Worker:
             target,
             '/pomona.v1.Worker/Results',
             pomona_dot_proto_dot_worker__pb2.ResultsRequest.SerializeToString,
-            pomona_dot_proto_dot_worker__pb2.TokenEvent.FromString,
+            pomona_dot_proto_dot_worker__pb2.TokenEvents.FromString,
             options,
             channel_credentials,
             insecure,
