@@ -87,15 +87,21 @@ async def one_request(
 
 
 async def run_level(
-    url: str, model: str, concurrency: int, per_client: int, max_tokens: int
+    url: str, model: str, concurrency: int, per_client: int, max_tokens: int, tag: str
 ) -> tuple[float, list[Result]]:
+    """``tag`` starts every prompt: each (round, level) sends prompts no server has seen, so
+    that no prompt cache (mlx_lm.server keeps one) answers from an earlier round."""
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def client(index: int) -> list[Result]:
             return [
                 await one_request(
-                    session, url, model, PROMPTS[(index * per_client + k) % len(PROMPTS)], max_tokens
+                    session,
+                    url,
+                    model,
+                    f"{tag} {PROMPTS[(index * per_client + k) % len(PROMPTS)]}",
+                    max_tokens,
                 )
                 for k in range(per_client)
             ]
@@ -173,14 +179,15 @@ def main() -> None:
             stack.enter_context(running_cluster(directory, checkpoint, stages, layout))
             servers[f"pomona {stages} stage"] = api_url(directory)
         for url in servers.values():  # warm up: first compiles, caches
-            asyncio.run(run_level(url, model, 1, 1, 4))
+            asyncio.run(run_level(url, model, 1, 1, 4, "Warm-up."))
         rows: dict[tuple[str, int], tuple[float, float, float]] = {}
         texts: dict[str, str] = {}
-        for _ in range(args.rounds):  # rounds visit every server in turn; each keeps its best
+        for round_index in range(args.rounds):  # rounds visit every server in turn; each keeps its best
             for level in levels:
+                tag = f"Round {round_index}, {level} clients."
                 for name, url in servers.items():
                     tok_s, results = asyncio.run(
-                        run_level(url, model, level, args.requests_per_client, args.max_tokens)
+                        run_level(url, model, level, args.requests_per_client, args.max_tokens, tag)
                     )
                     ttfts = [r.ttft_s for r in results]
                     row = (tok_s, percentile(ttfts, 0.5), percentile(ttfts, 0.99))
@@ -201,8 +208,28 @@ def main() -> None:
                     f"{name:<16}{level:>5}{tok_s:>9.1f}{p50 * 1e3:>8.0f} ms{p99 * 1e3:>8.0f} ms"
                     f"{tok_s / base:>10.2f}"
                 )
-        same = len(set(texts.values())) == 1
-        print(f"first request's text identical on every server: {'yes' if same else 'NO: ' + repr(texts)}")
+        # mlx_lm.server writes special tokens' text; Pomona leaves it out (as vLLM and OpenAI do).
+        special = special_tokens(Path(checkpoint))
+        shown = {name: strip_special(text, special) for name, text in texts.items()}
+        same = len(set(shown.values())) == 1
+        print(
+            "first request's text identical on every server (special tokens left out): "
+            f"{'yes' if same else 'NO: ' + repr(texts)}"
+        )
+
+
+def special_tokens(checkpoint: Path) -> list[str]:
+    path = checkpoint / "tokenizer.json"
+    if not path.is_file():
+        return []
+    added = json.loads(path.read_text()).get("added_tokens", [])
+    return [token["content"] for token in added if token.get("special")]
+
+
+def strip_special(text: str, special: list[str]) -> str:
+    for token in special:
+        text = text.replace(token, "")
+    return text
 
 
 if __name__ == "__main__":

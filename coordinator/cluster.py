@@ -34,7 +34,7 @@ from pomona.tokenizer import load_tokenizer
 from . import heartbeat
 from .energy import EnergyAccount
 from .launch import WorkerProcess, launch_worker, wait_until_reachable
-from .load_request import load_request
+from .load_request import load_request, micro_batch_count
 from .profiling import NodeMeasurement, profile_cluster
 from .recovery import recover
 from .requests import RequestLimits, RequestRouter
@@ -268,7 +268,10 @@ class Cluster:
         state = self.nodes[node]
         state.state = "loading"
         addresses = {name: state.config.address for name, state in self.nodes.items()}
-        request = load_request(str(self.model.path), self.placement, addresses, node)
+        infos = {stage.node: self.nodes[stage.node].info for stage in self.placement.stages}
+        hostnames = [info.hostname if info else node for node, info in infos.items()]
+        micro_batches = micro_batch_count(self.config.generation.micro_batches, hostnames)
+        request = load_request(str(self.model.path), self.placement, addresses, node, micro_batches)
         what = f"layers [{request.layer_start}, {request.layer_end})"
         if request.experts_only:
             what = "its experts"

@@ -4,9 +4,9 @@ page polls (`GET /api/cluster`).
 Request-side figures (requests, tokens, time to first token, inter-token latency, queue depth,
 active requests) are recorded as requests run. Cluster-side figures (per-stage compute and batch
 size, per-link latency, memory and KV cache, power and energy labelled `measured` or
-`estimated`, expert load) come from one snapshot of the coordinator's own status and expert statistics (the same answers as
-`pomona status --json` and `pomona status --experts`), taken at most once a second however often
-it is asked.
+`estimated`, expert load) come from one snapshot of the coordinator's own status and expert
+statistics (the same answers as `pomona status --json` and `pomona status --experts`), taken at
+most once a second however often it is asked.
 """
 
 from __future__ import annotations

@@ -13,10 +13,23 @@ from pomona.placement import Placement
 from pomona.proto import worker_pb2
 
 
+def micro_batch_count(configured: int | None, stage_hostnames: list[str]) -> int:
+    """Decode micro-batches to keep in flight: ``generation.micro_batches`` when set, else one
+    per machine the stages run on (by the hostname each worker reports). Stages on one machine
+    share its cores: more micro-batches there cost per-step work and overlap little (measured in
+    ``bench/serve_bench.py``)."""
+    return configured or max(1, len(set(stage_hostnames)))
+
+
 def load_request(
-    model_path: str, placement: Placement, addresses: Mapping[str, str], node: str
+    model_path: str,
+    placement: Placement,
+    addresses: Mapping[str, str],
+    node: str,
+    micro_batches: int = 0,
 ) -> worker_pb2.LoadShardRequest:
-    """What ``node`` loads: its stage (if any) and the routed experts the placement gives it."""
+    """What ``node`` loads: its stage (if any) and the routed experts the placement gives it;
+    the first stage also how many decode micro-batches to keep in flight (0: one per stage)."""
     experts = placement.experts
     request = worker_pb2.LoadShardRequest(model_path=model_path, node_name=node)
     own_layers: range = range(0)
@@ -31,6 +44,8 @@ def load_request(
         request.next_address = addresses[next_stage.node]
         request.next_node = next_stage.node
         request.stage_index, request.stage_count = index, len(placement.stages)
+        if index == 0:
+            request.micro_batches = micro_batches
     else:
         request.experts_only = True
     for layer in sorted(experts):

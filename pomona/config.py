@@ -137,6 +137,9 @@ class GenerationDefaults:
     prefill_chunk_tokens: int = 256
     max_context: int | None = None  # tokens of KV cache each stream may hold; None: the model's
     max_batch: int = 32  # requests decoded together in one micro-batch (continuous batching)
+    # Decode micro-batches in flight around the ring; None ("auto"): one per machine the stages
+    # run on (stages sharing a machine share its cores, so overlapping them gains little).
+    micro_batches: int | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,11 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     generation = GenerationDefaults()
     if root.get("generation") is not None:
         block = reader.block(root, "generation", "")
-        reader.keys(block, "generation", ("max_tokens", "prefill_chunk_tokens", "max_context", "max_batch"))
+        keys = ("max_tokens", "prefill_chunk_tokens", "max_context", "max_batch", "micro_batches")
+        reader.keys(block, "generation", keys)
+        micro_batches = None
+        if block.get("micro_batches", "auto") != "auto":
+            micro_batches = reader.integer(block, "micro_batches", "generation", None, 1, 64)
         generation = GenerationDefaults(
             max_tokens=reader.integer(block, "max_tokens", "generation", generation.max_tokens, 1),
             prefill_chunk_tokens=reader.integer(
@@ -262,6 +269,7 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
             ),
             max_context=reader.integer(block, "max_context", "generation", None, 1),
             max_batch=reader.integer(block, "max_batch", "generation", generation.max_batch, 1, 1024),
+            micro_batches=micro_batches,
         )
     recovery = root.get("recovery", True)
     if not isinstance(recovery, bool):

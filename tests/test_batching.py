@@ -13,6 +13,7 @@ from cluster_helpers import running_cluster
 from layouts import LAYOUTS, PROMPT
 from tiny_models import make_tiny_checkpoint, reference_generate
 
+from coordinator.load_request import micro_batch_count
 from pomona.tokenizer import load_tokenizer
 from worker.batching import MicroBatch, can_batch
 from worker.stage import load_stage
@@ -94,21 +95,29 @@ def test_llama4_chunked_caches_have_no_batch_form(tmp_path):
     assert not can_batch(load_stage(path, 0, layers, True, True).new_caches())
 
 
+def test_micro_batches_default_to_one_per_machine():
+    assert micro_batch_count(None, ["mac-1", "mac-2", "mac-3"]) == 3
+    assert micro_batch_count(None, ["box", "box"]) == 1  # stages sharing a machine share its cores
+    assert micro_batch_count(4, ["box", "box"]) == 4  # generation.micro_batches wins
+
+
 def _batch_counters(cluster) -> dict[str, tuple[int, int]]:
     return {s.node: (s.batch_steps, s.batch_rows) for s in cluster.status().stages if not s.experts_only}
 
 
 def test_concurrent_requests_share_decode_steps_and_equal_each_alone(tmp_path):
-    """Six requests at once on two stages (greedy and seeded sampling, different prompt and output
-    lengths): every stage decodes several per forward, each request's tokens equal its tokens alone,
-    and the greedy ones equal mlx-lm's."""
+    """Six requests at once on two stages with two micro-batches in flight (greedy and seeded
+    sampling, different prompt and output lengths): every stage decodes several per forward, each
+    request's tokens equal its tokens alone, and the greedy ones equal mlx-lm's."""
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     tokenizer = load_tokenizer(path)
     prompts = [PROMPT, PROMPT[:20], PROMPT * 2, "Hello", PROMPT[5:40], "One two three"]
     lengths = [14, 20, 8, 16, 11, 18]
     seeded = [{"temperature": 0.9, "seed": 3}, {"temperature": 1.0, "top_p": 0.9, "seed": 11}]
     sampling = [{}, seeded[0], {}, seeded[1], {}, {}]
-    with running_cluster(tmp_path / "c", path, 2, LAYOUTS["llama"][2]) as cluster:
+    # Two micro-batches in flight (loopback stages share one machine: "auto" would keep one).
+    generation = {"micro_batches": 2}
+    with running_cluster(tmp_path / "c", path, 2, LAYOUTS["llama"][2], generation=generation) as cluster:
 
         def run(i: int) -> list[int]:
             summary = cluster.generate(prompts[i], raw=True, max_tokens=lengths[i], **sampling[i])

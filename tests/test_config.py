@@ -104,6 +104,8 @@ BROKEN = [
     ),
     ("coordinator-port", "coordinator: {port: -1}\n" + TWO_NODES, "coordinator.port: must be"),
     ("generation-zero", "generation: {max_tokens: 0}\n" + TWO_NODES, "generation.max_tokens: must"),
+    ("micro-batches-word", "generation: {micro_batches: many}\n" + TWO_NODES, "micro_batches: must"),
+    ("max-batch-huge", "generation: {max_batch: 5000}\n" + TWO_NODES, "from 1 to 1024"),
     (
         "generation-misspelled",
         "generation: {max_token: 5}\n" + TWO_NODES,
@@ -296,12 +298,14 @@ placement:
   stages:
     - {node: b, layers: [0, 12]}
     - {node: a, layers: [12, 30]}
-generation: {max_tokens: 64, prefill_chunk_tokens: 32}
+generation: {max_tokens: 64, prefill_chunk_tokens: 32, max_batch: 8, micro_batches: 3}
 """,
     )
     assert config.coordinator.address == "0.0.0.0:6000"
     assert config.stages == (StageSpec("b", 0, 12), StageSpec("a", 12, 30))
-    assert config.generation == GenerationDefaults(64, 32)
+    assert config.generation == GenerationDefaults(64, 32, max_batch=8, micro_batches=3)
+    auto = load(tmp_path, TWO_NODES + "generation: {micro_batches: auto}\n")
+    assert auto.generation.micro_batches is None
     assert config.node("b").port == 50052
 
 

@@ -41,7 +41,10 @@ def served(tmp_path_factory):
         "max_queue": 0,
     }
     experts = [{"node": "b", "layers": [0, 2], "experts": [0, 4]}]
-    with running_cluster(root / "cluster", path, 2, [(0, 2), (2, 4)], experts, api=api) as cluster:
+    generation = {"micro_batches": 2}  # two in flight around the ring (auto: one on loopback)
+    with running_cluster(
+        root / "cluster", path, 2, [(0, 2), (2, 4)], experts, api=api, generation=generation
+    ) as cluster:
         url = f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYS[0], max_retries=0, timeout=300)
         yield cluster, url, client

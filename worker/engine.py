@@ -225,15 +225,18 @@ class StageEngine:
                 if request_id in rows:
                     rows.remove(request_id)
 
-    def install(self, stage: StageModel | None, index: int, count: int, next_link) -> None:
+    def install(
+        self, stage: StageModel | None, index: int, count: int, next_link, micro_batches: int = 0
+    ) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
         self.limits = model_limits(stage.model, self.max_message_bytes) if stage is not None else None
         self.next_link = next_link if count > 1 else None
         self.experts_only = stage is None and self.dispatcher.host is not None
         self.batching = stage is not None and can_batch(stage.new_caches())
         self.batches.clear()
-        # One micro-batch per stage: each stage computes one while the others travel.
-        self.slots = [BatchSlot() for _ in range(count)] if stage is not None and index == 0 else []
+        # By default one micro-batch per stage: each stage computes one while the others travel.
+        slots = micro_batches or count
+        self.slots = [BatchSlot() for _ in range(slots)] if stage is not None and index == 0 else []
 
     def on_next_link_broken(self, reason: str) -> None:
         """The next stage is gone: every request here needs it, so fail them all now (engine

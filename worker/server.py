@@ -138,7 +138,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 engine.dispatcher.host = load_expert_host(request.model_path, hosted, engine.expert_stats)
                 report(1.0, f"experts of layers {sorted(hosted)} loaded")
             next_link = None if request.experts_only else self._connect(request)
-            engine.install(stage, request.stage_index, request.stage_count, next_link)
+            engine.install(
+                stage, request.stage_index, request.stage_count, next_link, request.micro_batches
+            )
             return engine.parameter_bytes()
 
         job = self.engine.call(load)

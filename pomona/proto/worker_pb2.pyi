@@ -163,7 +163,7 @@ class MeasureLinksReply(_message.Message):
     def __init__(self, links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node")
+    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node", "micro_batches")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class LoadShardRequest(_message.Message):
     REMOTE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -190,7 +191,8 @@ class LoadShardRequest(_message.Message):
     remote_experts: _containers.RepeatedCompositeFieldContainer[RemoteExperts]
     experts_only: bool
     next_node: str
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class ExpertGroup(_message.Message):
     __slots__ = ("layer", "expert_ids")
