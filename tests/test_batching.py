@@ -15,7 +15,7 @@ from tiny_models import make_tiny_checkpoint, reference_generate
 
 from coordinator.load_request import micro_batch_count
 from pomona.tokenizer import load_tokenizer
-from worker.batching import MicroBatch, can_batch
+from worker.batching import MicroBatch, can_batch, prefill_caches
 from worker.stage import load_stage
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30], [40 + i for i in range(13)]]
@@ -39,11 +39,29 @@ def _alone(stages, prompt: list[int], count: int) -> list[int]:
     return tokens
 
 
+def _prefill_together(stages, prompts: list[list[int]]) -> list[list[list]]:
+    """The prompts (but their last tokens) left-padded through the stages in one forward each, as
+    the engine prefills new requests together; each request's own caches per stage."""
+    rows = [p[:-1] for p in prompts]
+    width = max(len(r) for r in rows)
+    padding = [width - len(r) for r in rows]
+    hidden = mx.array([[0] * pad + r for pad, r in zip(padding, rows)], dtype=mx.int32)
+    own = [[] for _ in prompts]
+    for stage in stages:
+        caches = prefill_caches(stage.new_caches(), padding)
+        hidden = stage.forward(hidden, caches)
+        mx.eval(hidden)
+        for i in range(len(prompts)):
+            own[i].append([cache.extract(i) for cache in caches])
+    return own
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "mixtral"])
 def test_micro_batch_rows_join_leave_and_reorder_and_equal_each_request_alone(family, tmp_path):
-    """Two chained stages, each with its own micro-batch caches: requests join at different steps
-    (the sliding-window family past its window), leave at different lengths, and the rows are
-    reordered once; every request's greedy tokens equal its tokens alone."""
+    """Two chained stages, each with its own micro-batch caches: three prompts are prefilled
+    together (left-padded; the sliding-window family's longest past its window), another request
+    joins later, they leave at different lengths, and the rows are reordered once; every request's
+    greedy tokens equal its tokens alone."""
     path = make_tiny_checkpoint(family, tmp_path / family)
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
     cut = layers // 2
@@ -58,16 +76,12 @@ def test_micro_batch_rows_join_leave_and_reorder_and_equal_each_request_alone(fa
     inputs: dict[str, int] = {}
     widest, step = 0, 0
     while any(len(got[r]) < lengths[int(r)] for r in got):
-        for i, prompt in enumerate(PROMPTS):
-            if step == 2 * i:  # request i joins at step 2i, prefilled alone first
-                request = str(i)
-                own[request] = [stage.new_caches() for stage in stages]
-                hidden = mx.array([prompt[:-1]], dtype=mx.int32)
-                if len(prompt) > 1:
-                    for stage, caches in zip(stages, own[request]):
-                        hidden = stage.forward(hidden, caches)
-                    mx.eval(hidden)
-                inputs[request] = prompt[-1]
+        if step == 0:  # requests 0, 1 and 3 join at once, prefilled together
+            together = [0, 1, 3]
+            for i, caches in zip(together, _prefill_together(stages, [PROMPTS[i] for i in together])):
+                own[str(i)], inputs[str(i)] = caches, PROMPTS[i][-1]
+        if step == 4:  # request 2 (one prompt token: nothing to prefill) joins later
+            own["2"], inputs["2"] = [stage.new_caches() for stage in stages], PROMPTS[2][-1]
         rows = [r for r in own if len(got[r]) < lengths[int(r)]]
         if step == 6:
             rows.reverse()  # the same members in another order

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
 # Per-request cache kinds that merge into a batch cache (and the batch kinds filter and extend).
 _BATCHABLE = (KVCache, RotatingKVCache)
@@ -22,7 +22,18 @@ _BATCHABLE = (KVCache, RotatingKVCache)
 
 def can_batch(caches: list) -> bool:
     """Whether every cache of a stage's fresh per-request set has a batch form."""
-    return all(type(cache) in _BATCHABLE for cache in caches)
+    return all(type(cache) in _BATCHABLE and not getattr(cache, "keep", 0) for cache in caches)
+
+
+def prefill_caches(prototypes: list, left_padding: list[int]) -> list:
+    """Empty batch caches for prompts prefilled together, left-padded by ``left_padding``: one per
+    layer, the batch kind of each of ``prototypes`` (a request's fresh caches)."""
+    return [
+        BatchRotatingKVCache(cache.max_size, left_padding)
+        if isinstance(cache, RotatingKVCache)
+        else BatchKVCache(left_padding)
+        for cache in prototypes
+    ]
 
 
 class MicroBatch:

@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 
 from pomona.proto import worker_pb2
 
-from .batching import MicroBatch, can_batch
+from .batching import MicroBatch, can_batch, prefill_caches
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
@@ -54,6 +54,7 @@ from .validate import (
     ModelLimits,
     check_decode_step,
     check_hidden,
+    check_prefill_rows,
     check_start,
     check_token,
     model_limits,
@@ -141,6 +142,8 @@ class StageEngine:
         self.batches: dict[int, MicroBatch] = {}
         self.slots: list[BatchSlot] = []
         self.max_batch = DEFAULT_MAX_BATCH
+        self.prefilling: list[str] = []  # stage 0: requests whose prompts wait for prefill
+        self._prefill_queued = False
         self.dispatcher = Dispatcher(self.expert_stats)
         self.experts_only = False
         # Held by whichever thread runs MLX: the engine thread for every job, and, on a node that
@@ -253,6 +256,7 @@ class StageEngine:
         self.requests.clear()
         self.batches.clear()
         self.slots = []
+        self.prefilling = []
         self.expert_stats.fold_counters()
         with self._claim_lock:
             self._claimed.clear()
@@ -297,7 +301,7 @@ class StageEngine:
         request_id = message.request_id
         kind = message.WhichOneof("body")
         body = getattr(message, kind)
-        batched = kind in ("decode_step", "decode_tokens")
+        batched = kind in ("decode_step", "decode_tokens", "prefill_rows")
         if self.stage is None:
             for each in list(body.request_ids) if batched else [request_id]:
                 self._fail(each, "this worker has no shard loaded")
@@ -370,36 +374,119 @@ class StageEngine:
             del onward.prompt_token_ids[:]
             self._forward(worker_pb2.StageMessage(request_id=request_id, start=onward))
         if self.stage_index == 0:
-            self._prefill_chunk(request_id)
+            if len(state.prompt) == 1:
+                self._join(request_id, state)  # nothing to prefill: the token goes in a decode step
+            else:
+                self.prefilling.append(request_id)
+                self._queue_prefill()
 
-    # -- prefill (one request per forward) -------------------------------------------------------
+    # -- prefill ---------------------------------------------------------------------------------
+    #
+    # Like mlx-lm's ``generate_step``, all but the last prompt token are prefilled; the last token
+    # goes in the request's first decode step, whose logits give its first token. New prompts that
+    # fit one chunk are prefilled together (left-padded, one forward per stage); a longer prompt
+    # goes alone, a chunk per turn. Each turn is a job, so decode steps run between them.
+
+    def _queue_prefill(self) -> None:
+        if not self._prefill_queued:
+            self._prefill_queued = True
+            self._jobs.put((self._prefill_turn, None))
+
+    def _fits_one_chunk(self, state: RequestState) -> bool:
+        return state.position == 0 and len(state.prompt) - 1 <= state.prefill_chunk_tokens
+
+    def _prefill_turn(self) -> None:
+        """Stage 0: one prefill forward: the waiting prompts that fit one chunk together (when the
+        first waiting prompt does), else the next chunk of the first."""
+        self._prefill_queued = False
+        waiting = [r for r in self.prefilling if r in self.requests]
+        self.prefilling = []
+        for request_id in list(waiting):
+            if self.requests[request_id].cancelled:
+                waiting.remove(request_id)
+                self._end(request_id, origin=self.stage_index)
+        if waiting:
+            head = waiting[0]
+            together = [r for r in waiting if self._fits_one_chunk(self.requests[r])][: self.max_batch]
+            if head in together and len(together) > 1:
+                self._guarded_batch(together, lambda: self._prefill_together(together))
+                waiting = [r for r in waiting if r not in together]
+            else:  # a long prompt, or one alone: as a single request's chunks
+                self._guarded(head, lambda: self._prefill_chunk(head))
+                waiting = waiting[1:] + [head]  # its next chunk after the others' turn
+            self.prefilling = [r for r in waiting if not self._prefilled(r)] + self.prefilling
+        if self.prefilling:
+            self._queue_prefill()
+        self._kick_idle()
+
+    def _prefilled(self, request_id: str) -> bool:
+        state = self.requests.get(request_id)
+        return state is None or state.batch is not None
 
     def _prefill_chunk(self, request_id: str) -> None:
-        """Stage 0: push the next chunk of the prompt into the pipeline.
-
-        Like mlx-lm's ``generate_step``, all but the last prompt token go in chunks; the last token
-        goes in the request's first decode step, whose logits give its first token.
-        """
-        state = self.requests.get(request_id)
-        if state is None:
-            return
-        if state.cancelled:
-            self._end(request_id, origin=self.stage_index)
-            return
-        remaining = len(state.prompt) - state.position
-        if remaining <= 1:
-            self._join(request_id, state)
-            return
-        count = min(state.prefill_chunk_tokens, remaining - 1)
+        """Stage 0: the next chunk of one prompt; the request joins a micro-batch after its last."""
+        state = self.requests[request_id]
+        count = min(state.prefill_chunk_tokens, len(state.prompt) - 1 - state.position)
         ids = state.prompt[state.position : state.position + count]
         state.position += count
         self._prefill_step(request_id, state, mx.array([ids], dtype=mx.int32))
+        if state.position == len(state.prompt) - 1:
+            self._join(request_id, state)
 
-        def next_chunk() -> None:  # requeued, so that decode steps run between chunks
-            self._guarded(request_id, lambda: self._prefill_chunk(request_id))
-            self._kick_idle()
+    def _prefill_together(self, request_ids: list[str]) -> None:
+        """Stage 0: the prompts (each fits one chunk) of ``request_ids`` in one forward."""
+        prompts = [self.requests[r].prompt[:-1] for r in request_ids]
+        width = max(len(prompt) for prompt in prompts)
+        padded = [[0] * (width - len(prompt)) + prompt for prompt in prompts]
+        self._prefill_rows(request_ids, [len(p) for p in prompts], mx.array(padded, dtype=mx.int32))
+        for request_id, prompt in zip(request_ids, prompts):
+            state = self.requests[request_id]
+            state.position = len(prompt)
+            self._join(request_id, state)
 
-        self._jobs.put((next_chunk, None))
+    def _prefill_rows(self, request_ids: list[str], lengths: list[int], inputs: mx.array) -> None:
+        """Left-padded prompts ``[rows, tokens(, D)]`` through this stage in one forward; each row's
+        caches become its request's own (a stage without batch caches runs them one by one)."""
+        started = time.perf_counter()
+        states = [self.requests.get(request_id) for request_id in request_ids]
+        if any(state is None or state.caches is None or state.caches[0].offset for state in states):
+            raise BadInput("prompts prefilled together must belong to new requests known here")
+        width = inputs.shape[1]
+        padding = [width - length for length in lengths]
+        if self.batching:
+            caches = prefill_caches(states[0].caches, padding)
+            hidden = self.stage.forward(inputs, caches)
+            for i, state in enumerate(states):
+                state.caches = [cache.extract(i) for cache in caches]
+        else:
+            rows = [
+                self.stage.forward(inputs[i : i + 1, padding[i] :], state.caches)
+                for i, state in enumerate(states)
+            ]
+            padded_rows = [mx.pad(row, [(0, 0), (pad, 0), (0, 0)]) for row, pad in zip(rows, padding)]
+            hidden = mx.concatenate(padded_rows)
+        if self._is_last:
+            mx.eval(hidden, [(c.keys, c.values) for state in states for c in state.caches])
+            self._count_busy(started)
+            return
+        encoded = encode_tensor(hidden)  # evaluates: the step's compute ends here
+        self._count_busy(started)
+        rows_message = worker_pb2.PrefillRows(request_ids=request_ids, lengths=lengths, hidden=encoded)
+        self._forward(worker_pb2.StageMessage(request_id="prefill", prefill_rows=rows_message))
+
+    def _on_prefill_rows(self, rows: worker_pb2.PrefillRows) -> None:
+        if self.stage.is_first:
+            raise BadInput("the first stage takes token ids, not hidden states")
+        check_prefill_rows(rows, self.limits.hidden_size, self.limits.max_tokens_per_message)
+        known = [i for i, request_id in enumerate(rows.request_ids) if request_id in self.requests]
+        if not known:
+            return  # every one ended here already
+        hidden = decode_tensor(rows.hidden)
+        if len(known) < len(rows.request_ids):
+            hidden = hidden[mx.array(known, dtype=mx.int32)]
+        ids = [rows.request_ids[i] for i in known]
+        lengths = [rows.lengths[i] for i in known]
+        self._prefill_rows(ids, lengths, hidden)
 
     def _prefill_step(self, request_id: str, state: RequestState, inputs: mx.array) -> None:
         started = time.perf_counter()

@@ -132,19 +132,34 @@ def check_hidden(tensor, width: int, max_rows: int, rank: int = 3) -> None:
 
 def check_decode_step(step, width: int) -> None:
     """A decode step: 1 to MAX_BATCH_ROWS distinct valid request ids, hidden ``[rows, 1, width]``."""
-    ids = list(step.request_ids)
+    _check_rows(list(step.request_ids), step.hidden, width, "a decode step", 1)
+
+
+def check_prefill_rows(rows, width: int, max_tokens: int) -> None:
+    """Prompts prefilled together: distinct valid request ids, one length (1 to the row width) per
+    row, hidden ``[rows, tokens, width]`` with 1 to ``max_tokens`` tokens."""
+    ids, lengths = list(rows.request_ids), list(rows.lengths)
+    tokens = (list(rows.hidden.shape) + [0, 0])[1]
+    if not 1 <= tokens <= max_tokens:
+        raise BadInput(f"prompts prefilled together must have 1 to {max_tokens} tokens, got {tokens}")
+    if len(lengths) != len(ids) or any(not 1 <= n <= tokens for n in lengths):
+        raise BadInput(f"prompts prefilled together need one length from 1 to {tokens} per request")
+    _check_rows(ids, rows.hidden, width, "a prefill of several prompts", tokens)
+
+
+def _check_rows(ids: list[str], tensor, width: int, what: str, tokens: int) -> None:
     if not 1 <= len(ids) <= MAX_BATCH_ROWS or len(set(ids)) != len(ids):
-        raise BadInput(f"a decode step names 1 to {MAX_BATCH_ROWS} distinct requests, got {len(ids)}")
+        raise BadInput(f"{what} names 1 to {MAX_BATCH_ROWS} distinct requests, got {len(ids)}")
     bad = next((request_id for request_id in ids if not REQUEST_ID.fullmatch(request_id)), None)
     if bad is not None:
-        raise BadInput(f"a decode step names request id {bad[:40]!r}, which is not 1-128 characters "
+        raise BadInput(f"{what} names request id {bad[:40]!r}, which is not 1-128 characters "
                        "of letters, digits and _ . : -")
-    numpy_dtype = _float_dtype(step.hidden)
-    shape = list(step.hidden.shape)
-    if shape != [len(ids), 1, width or (shape or [0])[-1]]:
-        raise BadInput(f"hidden states of a decode step of {len(ids)} requests must have shape "
-                       f"[{len(ids)}, 1, {width}], got {shape}")
-    _check_values(step.hidden, shape, numpy_dtype)
+    numpy_dtype = _float_dtype(tensor)
+    shape = list(tensor.shape)
+    if shape != [len(ids), tokens, width or (shape or [0])[-1]]:
+        raise BadInput(f"hidden states of {what} of {len(ids)} requests must have shape "
+                       f"[{len(ids)}, {tokens}, {width}], got {shape}")
+    _check_values(tensor, shape, numpy_dtype)
 
 
 def _float_dtype(tensor):

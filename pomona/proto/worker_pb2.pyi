@@ -328,6 +328,16 @@ class DecodeStep(_message.Message):
     hidden: Tensor
     def __init__(self, batch: _Optional[int] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class PrefillRows(_message.Message):
+    __slots__ = ("request_ids", "lengths", "hidden")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    hidden: Tensor
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., lengths: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class DecodeTokens(_message.Message):
     __slots__ = ("batch", "step", "request_ids", "token_ids")
     BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -351,7 +361,7 @@ class CancelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageMessage(_message.Message):
-    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens")
+    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens", "prefill_rows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +369,7 @@ class StageMessage(_message.Message):
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ROWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start: StartRequest
     activations: Activations
@@ -366,7 +377,8 @@ class StageMessage(_message.Message):
     cancel: CancelRequest
     decode_step: DecodeStep
     decode_tokens: DecodeTokens
-    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ...) -> None: ...
+    prefill_rows: PrefillRows
+    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., prefill_rows: _Optional[_Union[PrefillRows, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()
