@@ -15,7 +15,7 @@ from tiny_models import make_tiny_checkpoint, reference_generate
 
 from coordinator.load_request import micro_batch_count
 from pomona.tokenizer import load_tokenizer
-from worker.batching import MicroBatch, can_batch, prefill_caches
+from worker.batching import DecodeScheduler, MicroBatch, can_batch, prefill_caches
 from worker.stage import load_stage
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30], [40 + i for i in range(13)]]
@@ -107,6 +107,29 @@ def test_llama4_chunked_caches_have_no_batch_form(tmp_path):
     path = make_tiny_checkpoint("llama4", tmp_path / "llama4")
     layers = json.loads((path / "config.json").read_text())["text_config"]["num_hidden_layers"]
     assert not can_batch(load_stage(path, 0, layers, True, True).new_caches())
+
+
+def test_scheduler_balances_admits_up_to_max_batch_and_drops_stale_tokens():
+    scheduler = DecodeScheduler(2, max_batch=2)
+    assert [scheduler.join(r) for r in "abcde"] == [0, 1, 0, 1, 0]  # the smallest micro-batch
+    assert scheduler.idle() == [0, 1]
+    assert scheduler.start(0) == (1, ["a", "c"])  # "e" waits: max_batch 2
+    assert scheduler.start(1) == (1, ["b", "d"])
+    assert scheduler.idle() == []  # both on the ring
+    assert scheduler.join("f") == 1  # micro-batch 1 holds fewer (2 against 3)
+    scheduler.forget("c", 0)  # ended at the last stage; its end came ahead of the tokens
+    assert not scheduler.tokens_back(0, 7, ["a"])  # not the step on the ring
+    assert scheduler.tokens_back(0, 1, ["a"])
+    assert scheduler.start(0) == (2, ["a", "e"])  # the joiner takes the freed row
+    # Every row of micro-batch 1's step ends: the step is over, its late tokens are dropped.
+    scheduler.forget("b", 1)
+    scheduler.forget("d", 1)
+    assert scheduler.idle() == [1]
+    assert scheduler.start(1) == (2, ["f"])
+    assert not scheduler.tokens_back(1, 1, [])
+    assert scheduler.tokens_back(1, 2, ["f"]) and scheduler.rows(1) == ["f"]
+    scheduler.forget("f", 1)
+    assert scheduler.start(1) is None and scheduler.idle() == []
 
 
 def test_micro_batches_default_to_one_per_machine():

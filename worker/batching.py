@@ -12,6 +12,7 @@ caches: the protocol is the same, only the speed differs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
@@ -89,3 +90,75 @@ class MicroBatch:
         else:
             for cache, new in zip(self.caches, merged):
                 cache.extend(new)
+
+
+DEFAULT_MAX_BATCH = 32  # requests per decode micro-batch when the start message names none
+
+
+@dataclass
+class BatchSlot:
+    """Stage 0's view of one decode micro-batch."""
+
+    members: list[str] = field(default_factory=list)  # decoding, in step order
+    joining: list[str] = field(default_factory=list)  # prefilled, waiting for the next step
+    in_flight: list[str] = field(default_factory=list)  # rows of the step on the ring (empty: idle)
+    step: int = 0
+
+
+class DecodeScheduler:
+    """Stage 0's decode micro-batches: which requests decode together and when each step starts
+    (bookkeeping only; the engine computes). A micro-batch's next step starts when its last
+    step's tokens are back, with the requests that go on and those that joined meanwhile, up to
+    ``max_batch``; a request joins the micro-batch with the fewest requests."""
+
+    def __init__(self, count: int, max_batch: int = DEFAULT_MAX_BATCH):
+        self.slots = [BatchSlot() for _ in range(count)]
+        self.max_batch = max_batch
+
+    def join(self, request_id: str) -> int:
+        """A prefilled request waits for the next step of the smallest micro-batch (its index)."""
+        sizes = [len(slot.members) + len(slot.joining) for slot in self.slots]
+        index = sizes.index(min(sizes))
+        self.slots[index].joining.append(request_id)
+        return index
+
+    def forget(self, request_id: str, index: int) -> None:
+        """The request ended: it leaves its micro-batch (a step whose rows all ended is over)."""
+        slot = self.slots[index]
+        for rows in (slot.members, slot.joining, slot.in_flight):
+            if request_id in rows:
+                rows.remove(request_id)
+
+    def idle(self) -> list[int]:
+        """Micro-batches with requests and no step on the ring: each can start its next step."""
+        waiting = [i for i, slot in enumerate(self.slots) if slot.members or slot.joining]
+        return [i for i in waiting if not self.slots[i].in_flight]
+
+    def rows(self, index: int) -> list[str]:
+        slot = self.slots[index]
+        return [*slot.members, *slot.joining]
+
+    def start(self, index: int) -> tuple[int, list[str]] | None:
+        """Admit joiners (up to ``max_batch`` rows) and start a step: its number and rows."""
+        slot = self.slots[index]
+        room = max(0, self.max_batch - len(slot.members))
+        slot.members += slot.joining[:room]
+        del slot.joining[:room]
+        if not slot.members:
+            return None
+        slot.step += 1
+        slot.in_flight = list(slot.members)
+        return slot.step, list(slot.members)
+
+    def tokens_back(self, index: int, step: int, going: list[str]) -> bool:
+        """A step's tokens came back with the rows ``going`` on (the others ended); False for a
+        step that is no longer on the ring (its rows all ended, and its micro-batch went on)."""
+        slot = self.slots[index]
+        if step != slot.step or not slot.in_flight:
+            return False
+        slot.in_flight = []
+        slot.members = list(going)
+        return True
+
+    def clear(self) -> None:
+        self.slots = [BatchSlot() for _ in self.slots]

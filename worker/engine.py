@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 
 from pomona.proto import worker_pb2
 
-from .batching import MicroBatch, can_batch, prefill_caches
+from .batching import DEFAULT_MAX_BATCH, DecodeScheduler, MicroBatch, can_batch, prefill_caches
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
@@ -63,9 +63,6 @@ from .wire import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 32  # requests per decode micro-batch when the start message names none
-
-
 @dataclass
 class RequestState:
     caches: list | None  # its own caches; None once a batching micro-batch holds its rows
@@ -79,16 +76,6 @@ class RequestState:
     cancelled: bool = False
     batch: int | None = None  # the decode micro-batch it joined (after its prefill)
     next_input: int = 0  # stage 0: the token its next decode step takes
-
-
-@dataclass
-class BatchSlot:
-    """Stage 0's view of one decode micro-batch."""
-
-    members: list[str] = field(default_factory=list)  # decoding, in step order
-    joining: list[str] = field(default_factory=list)  # prefilled, waiting for the next step
-    in_flight: list[str] = field(default_factory=list)  # rows of the step on the ring (empty: idle)
-    step: int = 0
 
 
 class ResultHub:
@@ -140,8 +127,7 @@ class StageEngine:
         # Continuous batching: each micro-batch's caches here; stage 0 also schedules them.
         self.batching = False  # this stage's caches have a batch form (worker.batching)
         self.batches: dict[int, MicroBatch] = {}
-        self.slots: list[BatchSlot] = []
-        self.max_batch = DEFAULT_MAX_BATCH
+        self.scheduler: DecodeScheduler | None = None  # stage 0 only
         self.prefilling: list[str] = []  # stage 0: requests whose prompts wait for prefill
         self._prefill_queued = False
         self.dispatcher = Dispatcher(self.expert_stats)
@@ -222,11 +208,8 @@ class StageEngine:
         batch = self.batches.get(state.batch)
         if batch is not None:
             batch.remove(request_id)  # its row leaves the micro-batch's caches
-        if self.slots:
-            slot = self.slots[state.batch]
-            for rows in (slot.members, slot.joining, slot.in_flight):
-                if request_id in rows:
-                    rows.remove(request_id)
+        if self.scheduler is not None:
+            self.scheduler.forget(request_id, state.batch)
 
     def install(
         self, stage: StageModel | None, index: int, count: int, next_link, micro_batches: int = 0
@@ -238,8 +221,8 @@ class StageEngine:
         self.batching = stage is not None and can_batch(stage.new_caches())
         self.batches.clear()
         # By default one micro-batch per stage: each stage computes one while the others travel.
-        slots = micro_batches or count
-        self.slots = [BatchSlot() for _ in range(slots)] if stage is not None and index == 0 else []
+        first = stage is not None and index == 0
+        self.scheduler = DecodeScheduler(micro_batches or count) if first else None
 
     def on_next_link_broken(self, reason: str) -> None:
         """The next stage is gone: every request here needs it, so fail them all now (engine
@@ -250,12 +233,13 @@ class StageEngine:
                 worker_pb2.TokenEvent(request_id=request_id, error=f"next stage {reason}")
             )
         self.batches.clear()
-        self.slots = [BatchSlot() for _ in self.slots]
+        if self.scheduler is not None:
+            self.scheduler.clear()
 
     def release(self) -> None:
         self.requests.clear()
         self.batches.clear()
-        self.slots = []
+        self.scheduler = None
         self.prefilling = []
         self.expert_stats.fold_counters()
         with self._claim_lock:
@@ -311,7 +295,7 @@ class StageEngine:
             self._guarded_batch(list(body.request_ids), lambda: handler(body))
         else:
             self._guarded(request_id, lambda: handler(request_id, body))
-        if self.slots:
+        if self.scheduler is not None:
             self._kick_idle()
 
     def _guarded(self, request_id: str, work: Callable[[], None]) -> None:
@@ -367,7 +351,7 @@ class StageEngine:
             state.prompt = list(start.prompt_token_ids)
             if not state.prompt:
                 raise ValueError("empty prompt")
-            self.max_batch = max(1, start.max_batch or DEFAULT_MAX_BATCH)
+            self.scheduler.max_batch = max(1, start.max_batch or DEFAULT_MAX_BATCH)
         if not self._is_last:
             onward = worker_pb2.StartRequest()
             onward.CopyFrom(start)
@@ -407,7 +391,8 @@ class StageEngine:
                 self._end(request_id, origin=self.stage_index)
         if waiting:
             head = waiting[0]
-            together = [r for r in waiting if self._fits_one_chunk(self.requests[r])][: self.max_batch]
+            fitting = [r for r in waiting if self._fits_one_chunk(self.requests[r])]
+            together = fitting[: self.scheduler.max_batch]
             if head in together and len(together) > 1:
                 self._guarded_batch(together, lambda: self._prefill_together(together))
                 waiting = [r for r in waiting if r not in together]
@@ -417,7 +402,8 @@ class StageEngine:
             self.prefilling = [r for r in waiting if not self._prefilled(r)] + self.prefilling
         if self.prefilling:
             self._queue_prefill()
-        self._kick_idle()
+        if self.scheduler is not None:  # None once the shard is released
+            self._kick_idle()
 
     def _prefilled(self, request_id: str) -> bool:
         state = self.requests.get(request_id)
@@ -528,33 +514,25 @@ class StageEngine:
         prompt token goes in that micro-batch's next step."""
         state.position = len(state.prompt)
         state.next_input = state.prompt[-1]
-        sizes = [len(slot.members) + len(slot.joining) for slot in self.slots]
-        index = sizes.index(min(sizes))
-        state.batch = index
-        self.slots[index].joining.append(request_id)
+        state.batch = self.scheduler.join(request_id)
 
     def _kick_idle(self) -> None:
         """Stage 0: start the next step of every micro-batch that is not on the ring and has
         requests (called after each job, so that a step starts as soon as it can)."""
-        for index, slot in enumerate(self.slots):
-            if not slot.in_flight and (slot.members or slot.joining):
-                rows = [*slot.members, *slot.joining]
-                self._guarded_batch(rows, lambda index=index: self._start_step(index))
+        for index in self.scheduler.idle():
+            rows = self.scheduler.rows(index)
+            self._guarded_batch(rows, lambda index=index: self._start_step(index))
 
     def _start_step(self, index: int) -> None:
-        slot = self.slots[index]
-        for request_id in [*slot.members, *slot.joining]:
+        for request_id in self.scheduler.rows(index):
             if self.requests[request_id].cancelled:
-                self._end(request_id, origin=self.stage_index)  # leaves the slot (``_forget``)
-        room = max(0, self.max_batch - len(slot.members))
-        slot.members += slot.joining[:room]
-        del slot.joining[:room]
-        if not slot.members:
+                self._end(request_id, origin=self.stage_index)  # leaves it (``_forget``)
+        started = self.scheduler.start(index)
+        if started is None:
             return
-        slot.step += 1
-        slot.in_flight = list(slot.members)
-        inputs = mx.array([[self.requests[r].next_input] for r in slot.members], dtype=mx.int32)
-        self._decode_step(index, slot.step, list(slot.members), inputs)
+        step, rows = started
+        inputs = mx.array([[self.requests[r].next_input] for r in rows], dtype=mx.int32)
+        self._decode_step(index, step, rows, inputs)
 
     def _take_caches(self, request_id: str) -> list:
         """A joining request's own prefilled caches, handed over to its micro-batch."""
@@ -635,20 +613,16 @@ class StageEngine:
     def _on_decode_tokens(self, message: worker_pb2.DecodeTokens) -> None:
         if self.stage_index != 0:
             raise BadInput("only the first stage takes a decode step's tokens")
-        if not 0 <= message.batch < len(self.slots) or len(message.token_ids) != len(message.request_ids):
+        slots = len(self.scheduler.slots)
+        if not 0 <= message.batch < slots or len(message.token_ids) != len(message.request_ids):
             raise BadInput(f"decode tokens for micro-batch {message.batch} do not match its rows")
         for token in message.token_ids:
             check_token(token, self.limits, "next token id")
-        slot = self.slots[message.batch]
-        if message.step != slot.step or not slot.in_flight:
+        going = [(r, t) for r, t in zip(message.request_ids, message.token_ids) if r in self.requests]
+        if not self.scheduler.tokens_back(message.batch, message.step, [r for r, _ in going]):
             return  # a step whose rows all ended meanwhile: its micro-batch went on without it
-        slot.in_flight = []
-        slot.members = []
-        for request_id, token in zip(message.request_ids, message.token_ids):
-            state = self.requests.get(request_id)
-            if state is not None:
-                state.next_input = token
-                slot.members.append(request_id)
+        for request_id, token in going:
+            self.requests[request_id].next_input = token
         # The next step starts after this job (``_kick_idle``), with the requests that joined.
 
     def _token_event(
