@@ -39,7 +39,7 @@ class RequestLimits:
     context_length: int
     default_max_tokens: int
     prefill_chunk_tokens: int
-    max_batch: int = 32  # requests per decode micro-batch (generation.max_batch)
+    max_batch: int  # requests per decode micro-batch (generation.max_batch)
 
 
 MAX_STOP_STRINGS = 16

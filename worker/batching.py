@@ -57,7 +57,8 @@ class MicroBatch:
         kept = [i for i, request_id in enumerate(self.ids) if request_id in wanted]
         if len(kept) != len(self.ids):
             self._take(kept)
-        joining = [request_id for request_id in ids if request_id not in set(self.ids)]
+        present = set(self.ids)
+        joining = [request_id for request_id in ids if request_id not in present]
         if joining:
             self._join(joining, own_caches)
         if self.ids != ids:  # same members, another order: reorder the rows

@@ -267,7 +267,6 @@ class StageEngine:
 
     # -- the data plane (engine thread) ----------------------------------------------------------
 
-
     @property
     def _is_last(self) -> bool:
         return self.stage_index == self.stage_count - 1
@@ -461,18 +460,12 @@ class StageEngine:
         self._forward(worker_pb2.StageMessage(request_id="prefill", prefill_rows=rows_message))
 
     def _on_prefill_rows(self, rows: worker_pb2.PrefillRows) -> None:
-        if self.stage.is_first:
-            raise BadInput("the first stage takes token ids, not hidden states")
+        self._check_takes_hidden()
         check_prefill_rows(rows, self.limits.hidden_size, self.limits.max_tokens_per_message)
-        known = [i for i, request_id in enumerate(rows.request_ids) if request_id in self.requests]
-        if not known:
-            return  # every one ended here already
-        hidden = decode_tensor(rows.hidden)
-        if len(known) < len(rows.request_ids):
-            hidden = hidden[mx.array(known, dtype=mx.int32)]
-        ids = [rows.request_ids[i] for i in known]
-        lengths = [rows.lengths[i] for i in known]
-        self._prefill_rows(ids, lengths, hidden)
+        lengths = dict(zip(rows.request_ids, rows.lengths))
+        ids, hidden = self._known_rows(list(rows.request_ids), decode_tensor(rows.hidden))
+        if ids:
+            self._prefill_rows(ids, [lengths[request_id] for request_id in ids], hidden)
 
     def _prefill_step(self, request_id: str, state: RequestState, inputs: mx.array) -> None:
         started = time.perf_counter()
@@ -490,12 +483,24 @@ class StageEngine:
         state = self.requests.get(request_id)
         if state is None:
             return  # the request ended (failed or cancelled) while this was in flight
-        if self.stage.is_first:
-            raise BadInput("the first stage takes token ids, not hidden states")
+        self._check_takes_hidden()
         if state.caches is None:
             raise BadInput(f"request {request_id!r} is decoding; it takes no more prefill chunks")
         check_hidden(activations.hidden, self.limits.hidden_size, state.prefill_chunk_tokens)
         self._prefill_step(request_id, state, decode_tensor(activations.hidden))
+
+    def _check_takes_hidden(self) -> None:
+        if self.stage.is_first:
+            raise BadInput("the first stage takes token ids, not hidden states")
+
+    def _known_rows(self, request_ids: list[str], rows: mx.array) -> tuple[list[str], mx.array]:
+        """The requests of a several-request message still known here, and their rows of
+        ``rows``; the others ended here already (their ``end`` is on its way around the ring)."""
+        known = [i for i, request_id in enumerate(request_ids) if request_id in self.requests]
+        if len(known) == len(request_ids):
+            return request_ids, rows
+        kept = rows[mx.array(known, dtype=mx.int32)] if known else rows[:0]
+        return [request_ids[i] for i in known], kept
 
     def _count_busy(self, started: float, rows: int = 0) -> None:
         elapsed = time.perf_counter() - started
@@ -545,10 +550,7 @@ class StageEngine:
     def _decode_step(self, index: int, step: int, request_ids: list[str], inputs: mx.array) -> None:
         """One step of micro-batch ``index``: ``inputs`` (token ids ``[rows, 1]`` or hidden states
         ``[rows, 1, D]``), one row per request, through this stage's layers in one forward."""
-        known = [i for i, request_id in enumerate(request_ids) if request_id in self.requests]
-        if len(known) < len(request_ids):  # ended here already (its ``end`` is on its way to stage 0)
-            request_ids = [request_ids[i] for i in known]
-            inputs = inputs[mx.array(known, dtype=mx.int32)] if known else inputs[:0]
+        request_ids, inputs = self._known_rows(request_ids, inputs)
         if not request_ids:
             if self._is_last:
                 self._send_tokens(index, step, [], [])
@@ -605,8 +607,7 @@ class StageEngine:
         self._forward(worker_pb2.StageMessage(request_id=f"batch-{index}", decode_tokens=message))
 
     def _on_decode_step(self, step: worker_pb2.DecodeStep) -> None:
-        if self.stage.is_first:
-            raise BadInput("the first stage takes token ids, not hidden states")
+        self._check_takes_hidden()
         check_decode_step(step, self.limits.hidden_size)
         self._decode_step(step.batch, step.step, list(step.request_ids), decode_tensor(step.hidden))
 
