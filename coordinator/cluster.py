@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -272,6 +273,9 @@ class Cluster:
         hostnames = [info.hostname if info else node for node, info in infos.items()]
         micro_batches = micro_batch_count(self.config.generation.micro_batches, hostnames)
         request = load_request(str(self.model.path), self.placement, addresses, node, micro_batches)
+        if self.config.transport == "mlx-ring" and len(self.placement.stages) > 1:
+            request.transport = "mlx-ring"
+            request.ring_hosts[:] = await asyncio.to_thread(self._ring_hosts)
         what = f"layers [{request.layer_start}, {request.layer_end})"
         if request.experts_only:
             what = "its experts"
@@ -284,6 +288,29 @@ class Cluster:
                 state.parameter_bytes = progress.parameter_bytes
                 state.rss_bytes = progress.rss_bytes
                 state.state = "ready"
+
+    def _ring_hosts(self) -> list[str]:
+        """Each stage's "ip:port" on the mx.distributed ring, in stage order: the node's host
+        (as IPv4, the only family MLX's ring backend binds) and the port its worker reported."""
+        hosts = []
+        for stage in self.placement.stages:
+            state = self.nodes[stage.node]
+            host = state.config.host
+            try:
+                ip = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+            except OSError as error:
+                raise PomonaError(
+                    f"transport mlx-ring: node {stage.node!r} host {host!r} has no IPv4 address "
+                    f"({error}); MLX's ring backend needs one: give the node's IPv4 address as its "
+                    "host, or use `transport: grpc`"
+                ) from None
+            if not state.info or not state.info.ring_port:
+                raise PomonaError(
+                    f"transport mlx-ring: the worker on node {stage.node!r} reported no ring port "
+                    "(an older Pomona?); install this version on every node, or use `transport: grpc`"
+                )
+            hosts.append(f"{ip}:{state.info.ring_port}")
+        return hosts
 
     # -- the data plane, coordinator side ------------------------------------------------------
 
@@ -315,7 +342,7 @@ class Cluster:
             self._lost_replicas[name] = details
             log.warning("expert node %r is unreachable (%s); its replicas serve its experts", name, details)
             return
-        if self.state == "ready" and self.config.recovery:
+        if self.state == "ready" and self._recovers_from(name):
             self._lost[name] = details
             node.state = "lost"
             self._tasks.append(asyncio.create_task(recover(self, name)))
@@ -336,6 +363,12 @@ class Cluster:
         if results is not None and results is not asyncio.current_task():
             results.cancel()
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
+
+    def _recovers_from(self, name: str) -> bool:
+        """Whether losing ``name`` starts a recovery: not for a stage on an mx.distributed ring,
+        which MLX cannot re-form without new workers (the error says to restart)."""
+        on_ring = self.config.transport == "mlx-ring" and len(self.placement.stages) > 1
+        return self.config.recovery and not (on_ring and any(s.node == name for s in self.placement.stages))
 
     def reopen_first_stage(self) -> None:
         """A new stream to stage 0 (after a recovery moved it, or to be sure it is fresh)."""

@@ -81,6 +81,7 @@ class RequestRouter:
         self.energy = None  # an EnergyAccount once the cluster is ready
         # Recovery (coordinator.recovery): interruptions so far, and whether the cluster serves.
         self._interruptions = 0
+        self._failures = 0  # fail_all calls: the cluster decided a loss ends its requests
         self._serving = asyncio.Event()
         self._serving.set()
         self._failure = ""
@@ -102,6 +103,7 @@ class RequestRouter:
         for request_id, queue in self._queues.items():
             queue.put_nowait(worker_pb2.TokenEvent(request_id=request_id, error=reason))
         self._failure = reason
+        self._failures += 1
         self._serving.set()  # requests held for a recovery fail with `reason`
 
     def interrupt_all(self, reason: str) -> None:
@@ -115,12 +117,13 @@ class RequestRouter:
     def resume(self) -> None:
         self._serving.set()
 
-    async def _interrupted_since(self, count: int) -> bool:
-        """Whether a recovery began after `count` interruptions (waiting a little for it)."""
+    async def _interrupted_since(self, count: int, failures: int) -> bool:
+        """Whether a recovery began after `count` interruptions (waiting a little for it, unless
+        the cluster has failed its requests since `failures` instead: no recovery is coming)."""
         if not self.recovers:
             return False
         deadline = time.monotonic() + RECOVERY_NOTICE_S
-        while self._interruptions == count and time.monotonic() < deadline:
+        while self._interruptions == count and self._failures == failures and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return self._interruptions != count
 
@@ -203,11 +206,11 @@ class RequestRouter:
             await self._send(start_message(request_id))
 
         try:
-            interruptions = self._interruptions
+            interruptions, failures = self._interruptions, self._failures
             try:
                 await self._send(start_message(request_id))
             except PomonaError:
-                if not await self._interrupted_since(interruptions):
+                if not await self._interrupted_since(interruptions, failures):
                     raise
                 await replay()
             while not finish_reason:
@@ -219,13 +222,13 @@ class RequestRouter:
                         "see `pomona status`"
                     ) from None
                 if event is INTERRUPTED:
-                    interruptions = self._interruptions
+                    interruptions, failures = self._interruptions, self._failures
                     await replay()
                     continue
                 if event.error:
-                    if not await self._interrupted_since(interruptions):
+                    if not await self._interrupted_since(interruptions, failures):
                         raise PomonaError(f"generation failed: {event.error}")
-                    interruptions = self._interruptions
+                    interruptions, failures = self._interruptions, self._failures
                     await replay()
                     continue
                 last_token_at = time.perf_counter()

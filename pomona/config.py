@@ -156,6 +156,8 @@ class ClusterConfig:
     api: ApiSettings = field(default_factory=ApiSettings)  # the HTTP API (pomona.api_config)
     auth: AuthSettings = field(default_factory=AuthSettings)
     tls: TlsFiles | None = None  # mutual TLS between all nodes; cert/key: the coordinator's
+    # Stage-to-stage messages: "grpc" (Forward streams) or "mlx-ring" (an mx.distributed ring).
+    transport: str = "grpc"
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -178,7 +180,9 @@ def is_loopback(host: str) -> bool:
 
 _TOP_KEYS = (
     "model", "coordinator", "nodes", "placement", "generation", "api", "recovery", "auth", "tls",
+    "transport",
 )
+TRANSPORTS = ("grpc", "mlx-ring")
 _NODE_KEYS = (
     "name",
     "host",
@@ -274,6 +278,10 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     recovery = root.get("recovery", True)
     if not isinstance(recovery, bool):
         reader.bad(root, "recovery", "", f"must be true or false, not {kind(recovery)}")
+    transport = reader.string(root, "transport", "", "grpc")
+    if transport not in TRANSPORTS:
+        hint = f"use one of: {', '.join(TRANSPORTS)}"
+        reader.bad(root, "transport", "", f"unknown transport {transport!r}; {hint}")
     api = parse_api(reader, root)
     taken = {_address_key(coordinator.host, coordinator.port): "the coordinator"}
     taken.update({_address_key(n.host, n.port): f"node {n.name!r}" for n in nodes})
@@ -290,7 +298,7 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
                         "a node's own certificate needs the top-level `tls: {ca, cert, key}`")
     return ClusterConfig(
         file, model, coordinator, nodes, stages, generation, experts, scheduler,
-        recovery=recovery, api=api, auth=auth, tls=tls,
+        recovery=recovery, api=api, auth=auth, tls=tls, transport=transport,
     )
 
 

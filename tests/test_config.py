@@ -106,6 +106,8 @@ BROKEN = [
     ("generation-zero", "generation: {max_tokens: 0}\n" + TWO_NODES, "generation.max_tokens: must"),
     ("micro-batches-word", "generation: {micro_batches: many}\n" + TWO_NODES, "micro_batches: must"),
     ("max-batch-huge", "generation: {max_batch: 5000}\n" + TWO_NODES, "from 1 to 1024"),
+    ("transport-unknown", "transport: mpi\n" + TWO_NODES, "use one of: grpc, mlx-ring"),
+    ("transport-empty", "transport: ''\n" + TWO_NODES, "transport: must be a non-empty string"),
     (
         "generation-misspelled",
         "generation: {max_token: 5}\n" + TWO_NODES,
@@ -307,6 +309,8 @@ generation: {max_tokens: 64, prefill_chunk_tokens: 32, max_batch: 8, micro_batch
     auto = load(tmp_path, TWO_NODES + "generation: {micro_batches: auto}\n")
     assert auto.generation.micro_batches is None
     assert config.node("b").port == 50052
+    assert config.transport == "grpc"
+    assert load(tmp_path, TWO_NODES + "transport: mlx-ring\n").transport == "mlx-ring"
 
 
 def test_expert_groups_ranges_and_ids(tmp_path: Path) -> None:

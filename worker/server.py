@@ -21,10 +21,11 @@ from pomona.grpc_options import MAX_CONCURRENT_RPCS, WORKER_THREADS, server_opti
 from pomona.power import detect_meter
 from pomona.proto import worker_pb2, worker_pb2_grpc
 
+from . import ring
 from .dispatch import DISPATCH_TIMEOUT_S
 from .engine import StageEngine
 from .expert_counts import count_routed_experts
-from .link import GrpcLink
+from .link import GrpcLink, Link
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
 from .validate import expert_request_problem, load_problem, measure_problem, profile_problem, stream_problem
@@ -41,6 +42,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._stop_server = stop_server
         self._meter = None
         self._meter_lock = threading.Lock()
+        self.ring_port = _free_port()  # for the mlx-ring transport (NodeInfo.ring_port)
 
     def Describe(self, request, context):
         memory = psutil.virtual_memory()
@@ -53,6 +55,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             mlx_device=str(mx.default_device()),
             version=__version__,
             gpu_working_set_bytes=_gpu_working_set_bytes(),
+            ring_port=self.ring_port,
         )
 
     def Profile(self, request, context):
@@ -116,6 +119,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 remote[group.layer][group.node] = list(group.expert_ids)
                 addresses[group.node] = group.address
             engine.dispatcher.connect(addresses)
+            if _on_ring(request):  # first: every stage joins at once, before its weights load
+                report(0.0, "joining the mx.distributed ring")
+                ring.join(list(request.ring_hosts), request.stage_index, self._deliver)
             stage_layers = range(0) if request.experts_only else range(request.layer_start, request.layer_end)
             stage = None
             if not request.experts_only:
@@ -162,7 +168,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             rss_bytes=psutil.Process().memory_info().rss,
         )
 
-    def _connect(self, request) -> GrpcLink | None:
+    def _connect(self, request) -> Link | None:
         if request.stage_count <= 1:
             return None
         engine = self.engine
@@ -171,7 +177,24 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             engine.call(lambda: engine.on_next_link_broken(reason))
 
         name = request.next_node or request.next_address
+        if _on_ring(request):
+            return ring.RingLink(name, request.next_address, ring.current(), on_broken=broken)
         return GrpcLink(name, request.next_address, "stage", on_broken=broken)
+
+    def _admission_problem(self, message) -> str:
+        """Why a data-plane message cannot go to the engine ("" if it can)."""
+        problem = stream_problem(message)
+        starts = message.WhichOneof("body") == "start"
+        if not problem and starts and not self.engine.claim(message.request_id):
+            problem = f"request id {message.request_id!r} is already in use here; closing this stream"
+        return problem
+
+    def _deliver(self, message) -> None:
+        """A message the previous stage sent on the ring."""
+        if problem := self._admission_problem(message):
+            log.warning("dropped a ring message: %s", problem)
+            return
+        self.engine.submit(message)
 
     def Status(self, request, context):
         def snapshot():
@@ -223,10 +246,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Forward(self, request_iterator, context):
         for message in request_iterator:
-            problem = stream_problem(message)
-            starts = message.WhichOneof("body") == "start"
-            if not problem and starts and not self.engine.claim(message.request_id):
-                problem = f"request id {message.request_id!r} is already in use here; closing this stream"
+            if message.WhichOneof("body") == "ring_wake":  # mlx-ring: frames will follow on the ring
+                if (joined := ring.current()) is not None:
+                    joined.receiver.wake()
+                    continue
+                problem = "a ring wake for a worker that is on no mx.distributed ring; closing this stream"
+            else:
+                problem = self._admission_problem(message)
             if problem:  # the sender is broken: its stream goes, every other request runs on
                 log.warning("refused a data-plane stream from %s: %s", context.peer(), problem)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -273,6 +299,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield worker_pb2.TokenEvents(events=events)
         finally:
             self.engine.results.unsubscribe(subscriber)
+
+
+def _on_ring(request) -> bool:
+    return request.transport == "mlx-ring" and request.stage_count > 1 and not request.experts_only
+
+
+def _free_port() -> int:
+    """A TCP port free now (the OS's choice); MLX's ring backend binds it when a ring forms."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _gpu_working_set_bytes() -> int:

@@ -227,6 +227,12 @@ def load_problem(request, loaded) -> str:
             return f"stage_index {request.stage_index} is not within stage_count {request.stage_count}"
         if request.stage_count > 1 and not request.next_address:
             return "a stage of a ring of several needs next_address"
+    if request.transport not in ("", "grpc", "mlx-ring"):
+        return f"unknown transport {request.transport!r} (grpc or mlx-ring)"
+    if request.transport == "mlx-ring" and request.stage_count > 1 and not request.experts_only:
+        if len(request.ring_hosts) != request.stage_count:
+            return (f"the mlx-ring transport needs one ring host per stage: {len(request.ring_hosts)} "
+                    f"for {request.stage_count} stages")
     return ""
 
 

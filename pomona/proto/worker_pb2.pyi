@@ -39,7 +39,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("hostname", "platform", "memory_total_bytes", "memory_available_bytes", "pid", "mlx_device", "version", "gpu_working_set_bytes")
+    __slots__ = ("hostname", "platform", "memory_total_bytes", "memory_available_bytes", "pid", "mlx_device", "version", "gpu_working_set_bytes", "ring_port")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class NodeInfo(_message.Message):
     MLX_DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GPU_WORKING_SET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RING_PORT_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     platform: str
     memory_total_bytes: int
@@ -56,7 +57,8 @@ class NodeInfo(_message.Message):
     mlx_device: str
     version: str
     gpu_working_set_bytes: int
-    def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., mlx_device: _Optional[str] = ..., version: _Optional[str] = ..., gpu_working_set_bytes: _Optional[int] = ...) -> None: ...
+    ring_port: int
+    def __init__(self, hostname: _Optional[str] = ..., platform: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., pid: _Optional[int] = ..., mlx_device: _Optional[str] = ..., version: _Optional[str] = ..., gpu_working_set_bytes: _Optional[int] = ..., ring_port: _Optional[int] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("model_path", "prefill_chunk_tokens", "short_context", "long_context", "time_budget_s")
@@ -163,7 +165,7 @@ class MeasureLinksReply(_message.Message):
     def __init__(self, links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node", "micro_batches")
+    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node", "micro_batches", "transport", "ring_hosts")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,8 @@ class LoadShardRequest(_message.Message):
     EXPERTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     NEXT_NODE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RING_HOSTS_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -192,7 +196,9 @@ class LoadShardRequest(_message.Message):
     experts_only: bool
     next_node: str
     micro_batches: int
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    transport: str
+    ring_hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ..., micro_batches: _Optional[int] = ..., transport: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertGroup(_message.Message):
     __slots__ = ("layer", "expert_ids")
@@ -361,7 +367,7 @@ class CancelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageMessage(_message.Message):
-    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens", "prefill_rows")
+    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens", "prefill_rows", "ring_wake")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +376,7 @@ class StageMessage(_message.Message):
     DECODE_STEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RING_WAKE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start: StartRequest
     activations: Activations
@@ -378,7 +385,12 @@ class StageMessage(_message.Message):
     decode_step: DecodeStep
     decode_tokens: DecodeTokens
     prefill_rows: PrefillRows
-    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., prefill_rows: _Optional[_Union[PrefillRows, _Mapping]] = ...) -> None: ...
+    ring_wake: RingWake
+    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., prefill_rows: _Optional[_Union[PrefillRows, _Mapping]] = ..., ring_wake: _Optional[_Union[RingWake, _Mapping]] = ...) -> None: ...
+
+class RingWake(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()

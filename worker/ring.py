@@ -1,0 +1,272 @@
+"""The ``mlx-ring`` transport: stage-to-stage messages on an ``mx.distributed`` ring (MLX's ring
+backend, TCP between neighbouring stages; on Macs the same code path serves MLX's other
+backends' send/recv) instead of gRPC's ``Forward`` stream.
+
+The stages, in order, are the ring's ranks, so every stage-to-stage message (stage i to i+1, the
+last stage's tokens back to stage 0) goes to a direct neighbour, the only kind of send the ring
+backend has. Expert dispatch and the control plane stay on gRPC.
+
+What MLX's ring backend asks of its user, and how this module answers:
+- A group forms once per process, from a hostfile and a rank, and every rank must join within
+  seconds of the others: ``join`` forms it at the start of the first load (the coordinator loads
+  every node at once) and refuses a later load with another layout, naming what to do.
+- ``recv`` needs the shape in advance: messages travel in fixed frames of ``FRAME_BYTES`` (length
+  and kind in the first bytes, the serialized ``StageMessage`` after), plus one more ``recv`` for
+  the rest of a message that does not fit.
+- A pending ``recv`` polls its socket on a CPU core, and never returns if the peer dies: the
+  receiver waits on a semaphore instead while the link is quiet. The sender ends each busy spell
+  with a park frame after ``PARK_AFTER_S`` without messages and, before it sends again, wakes the
+  receiver with a ``RingWake`` message on the gRPC ``Forward`` stream, which also tells the sender
+  at once (as a broken gRPC stream) when its neighbour is gone.
+- MLX streams belong to the thread that made them: the sender and the receiver each make their
+  own, and hand messages to the engine as protobuf, never as MLX arrays of their thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from pomona.errors import PomonaError
+from pomona.proto import worker_pb2
+
+from .link import GrpcLink, Link, LinkBroken
+
+log = logging.getLogger(__name__)
+
+FRAME_BYTES = 4096  # one send per message up to FRAME_BYTES - HEADER_BYTES (a decode step's)
+HEADER_BYTES = 16  # uint64 length, uint8 kind, padding
+MESSAGE, PARK = 0, 1
+PARK_AFTER_S = 1.0  # a quiet spell this long parks the receiver (stops its polling core)
+RING_FORM_TIMEOUT_S = 60.0
+RESTART = "restart the cluster (pomona down, then pomona up), or use `transport: grpc`"
+
+
+@dataclass
+class Ring:
+    """This process's place on its ring (formed once, kept for the process's lifetime)."""
+
+    hosts: tuple[str, ...]
+    rank: int
+    group: object  # mx.distributed.Group
+    receiver: RingReceiver
+
+    @property
+    def size(self) -> int:
+        return len(self.hosts)
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size} ({', '.join(self.hosts)})"
+
+
+_lock = threading.Lock()
+_ring: Ring | None = None
+_forming_stuck = ""  # an attempt that never returned: MLX may still be waiting in it
+
+
+def join(hosts: list[str], rank: int, deliver: Callable[[object], None]) -> Ring:
+    """This process's ring: formed now (blocking until every neighbour has joined, at most
+    ``RING_FORM_TIMEOUT_S``), or the one it joined before if ``hosts`` and ``rank`` are the same.
+    Messages received from the previous rank go to ``deliver`` (a ``StageMessage``)."""
+    global _ring, _forming_stuck
+    with _lock:
+        if _ring is not None:
+            if (_ring.hosts, _ring.rank) == (tuple(hosts), rank):
+                return _ring
+            raise PomonaError(
+                f"this worker is {_ring.describe()} of an mx.distributed ring since its first load, "
+                f"and this load asks for rank {rank} of ({', '.join(hosts)}); MLX keeps a process's "
+                f"ring for its lifetime, so a new layout needs new workers: {RESTART}"
+            )
+        if _forming_stuck:
+            raise PomonaError(_forming_stuck)
+        group = _form(hosts, rank)
+        receiver = RingReceiver(group, (rank - 1) % len(hosts), deliver)
+        _ring = Ring(tuple(hosts), rank, group, receiver)
+        log.info("joined the mx.distributed ring as %s", _ring.describe())
+        return _ring
+
+
+def current() -> Ring | None:
+    return _ring
+
+
+def _form(hosts: list[str], rank: int):
+    global _forming_stuck
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pomona-ring-", delete=False) as file:
+        json.dump([[host] for host in hosts], file)
+    os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = file.name, str(rank)
+    neighbours = f"{hosts[(rank - 1) % len(hosts)]} and {hosts[(rank + 1) % len(hosts)]}"
+    deadline = time.monotonic() + RING_FORM_TIMEOUT_S
+    try:
+        while True:  # MLX connects to the next rank a few times, ~15 s: retry until the deadline
+            outcome: dict = {}
+            attempt = threading.Thread(target=_init_ring, args=(outcome,), name="ring-form", daemon=True)
+            attempt.start()
+            attempt.join(max(deadline - time.monotonic(), 0.1))
+            if attempt.is_alive():
+                _forming_stuck = (
+                    f"the mx.distributed ring did not form within {RING_FORM_TIMEOUT_S:.0f} s: rank "
+                    f"{rank} at {hosts[rank]} waited for its neighbours {neighbours}; check that every "
+                    f"stage's worker is up and that these ports are reachable between the nodes, then "
+                    f"{RESTART}"
+                )
+                raise PomonaError(_forming_stuck)
+            if "group" in outcome:
+                return outcome["group"]
+            if time.monotonic() >= deadline:
+                raise PomonaError(
+                    f"the mx.distributed ring did not form: rank {rank} at {hosts[rank]} could not "
+                    f"reach its neighbours {neighbours} ({outcome['error']}); check that these ports "
+                    f"are reachable between the nodes, then {RESTART}"
+                )
+            log.info("ring not formed yet (%s); trying again", outcome["error"])
+    finally:
+        os.unlink(file.name)
+
+
+def _init_ring(outcome: dict) -> None:
+    try:
+        outcome["group"] = mx.distributed.init(strict=True, backend="ring")
+    except (RuntimeError, ValueError) as error:
+        outcome["error"] = str(error)
+
+
+def _frame(kind: int, payload: bytes = b"") -> tuple[np.ndarray, bytes]:
+    """The fixed frame (header and the payload's head) and what of the payload does not fit."""
+    frame = np.zeros(FRAME_BYTES, dtype=np.uint8)
+    head = payload[: FRAME_BYTES - HEADER_BYTES]
+    frame[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
+    frame[8] = kind
+    frame[HEADER_BYTES : HEADER_BYTES + len(head)] = np.frombuffer(head, dtype=np.uint8)
+    return frame, payload[len(head) :]
+
+
+class RingReceiver:
+    """Receives the previous rank's messages on its own thread while woken."""
+
+    def __init__(self, group, source: int, deliver: Callable[[object], None]):
+        self._group, self._source, self._deliver = group, source, deliver
+        self._wakes = threading.Semaphore(0)
+        self.messages = 0
+        threading.Thread(target=self._run, name="ring-receive", daemon=True).start()
+
+    def wake(self) -> None:
+        """The previous rank will send again (its ``RingWake``, one per park frame it sent)."""
+        self._wakes.release()
+
+    def _recv(self, size: int, stream) -> bytes:
+        array = mx.distributed.recv((size,), mx.uint8, self._source, group=self._group, stream=stream)
+        mx.eval(array)
+        return memoryview(np.asarray(array)).tobytes()
+
+    def _run(self) -> None:
+        stream = mx.new_stream(mx.cpu)
+        while True:
+            self._wakes.acquire()  # parked: no recv pending, no core polling
+            while True:
+                frame = self._recv(FRAME_BYTES, stream)
+                length, kind = int.from_bytes(frame[:8], "little"), frame[8]
+                if kind == PARK:
+                    break
+                payload = frame[HEADER_BYTES : HEADER_BYTES + length]
+                if length > len(payload):
+                    payload += self._recv(length - len(payload), stream)
+                try:
+                    message = worker_pb2.StageMessage.FromString(payload)
+                except Exception as error:  # noqa: BLE001 - a protobuf DecodeError: drop, go on
+                    log.warning("dropped an undecodable ring message (%d bytes): %s", length, error)
+                    continue
+                self.messages += 1
+                self._deliver(message)
+
+
+class RingLink(Link):
+    """Stage-to-stage messages to the next rank on the ring; ``RingWake`` (and broken-peer
+    detection) on a gRPC ``Forward`` stream to the same node."""
+
+    def __init__(
+        self,
+        node: str,
+        address: str,
+        ring: Ring,
+        on_broken: Callable[[str, str], None] | None = None,
+    ):
+        self.node, self.address = node, address
+        self._ring = ring
+        self._peer = (ring.rank + 1) % ring.size
+        self._on_broken = on_broken or (lambda node, reason: None)
+        self._wake_link = GrpcLink(node, address, "stage", on_broken=self._wake_broken)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed = ""
+        self._closed = False
+        self.parks = 0  # quiet spells ended with a park frame (the receiver stopped polling)
+        threading.Thread(target=self._run, name=f"ring-send-{node}", daemon=True).start()
+
+    def _wake_broken(self, node: str, reason: str) -> None:
+        self._fail(f"{reason}; MLX cannot re-form a ring inside running workers: {RESTART}")
+
+    def _fail(self, reason: str) -> None:
+        if self._failed or self._closed:
+            return
+        self._failed = reason
+        log.warning("ring link: %s", reason)
+        self._on_broken(self.node, reason)
+
+    @property
+    def broken(self) -> str:
+        return "link closed" if self._closed else self._failed
+
+    def send(self, message) -> None:
+        if self._closed:
+            raise LinkBroken(f"the link to node {self.node!r} is closed")
+        if self._failed:
+            raise LinkBroken(self._failed)
+        self._outbox.put(message)
+
+    def close(self) -> None:
+        self._closed = True
+        self._outbox.put(None)
+        self._wake_link.close()
+
+    def _send_frame(self, stream, kind: int, payload: bytes = b"") -> None:
+        frame, rest = _frame(kind, payload)
+        # One eval per send: two independent sends in one graph may run in either order.
+        mx.eval(mx.distributed.send(mx.array(frame), self._peer, group=self._ring.group, stream=stream))
+        if rest:
+            tail = mx.array(np.frombuffer(rest, dtype=np.uint8))
+            mx.eval(mx.distributed.send(tail, self._peer, group=self._ring.group, stream=stream))
+
+    def _run(self) -> None:
+        stream = mx.new_stream(mx.cpu)
+        awake = False  # the receiver is woken (waiting on the ring for frames)
+        wake = worker_pb2.StageMessage(request_id="ring", ring_wake=worker_pb2.RingWake())
+        try:
+            while True:
+                try:
+                    message = self._outbox.get(timeout=PARK_AFTER_S if awake else None)
+                except queue.Empty:
+                    self._send_frame(stream, PARK)
+                    awake, self.parks = False, self.parks + 1
+                    continue
+                if message is None:
+                    if awake:
+                        self._send_frame(stream, PARK)
+                    return
+                if not awake:
+                    self._wake_link.send(wake)
+                    awake = True
+                self._send_frame(stream, MESSAGE, message.SerializeToString())
+        except (LinkBroken, RuntimeError) as error:
+            where = f"node {self.node!r} at {self.address}"
+            self._fail(f"{where} is unreachable on the ring ({error}); {RESTART}")
