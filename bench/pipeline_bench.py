@@ -5,7 +5,8 @@ compute is small enough that transport shows.
 Prints prefill and decode tok/s, ratios to single-process, the per-token transport overhead next to
 N x (RTT / 2) for a ring of N stages (N one-way messages per token), with the round trip measured
 in the same run on the data plane's own gRPC stack, threads and message size, and the throughput of two
-concurrent requests on two stages.
+concurrent requests on two stages. Rows "ring" run the same code with `transport: mlx-ring`
+(stage-to-stage messages on an mx.distributed ring), against the ring's own round trip.
 
     .venv/bin/python bench/pipeline_bench.py [--new-tokens 32] [--models smollm2,tiny] [--compare TREE]
 
@@ -31,7 +32,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster_helpers import running_cluster  # noqa: E402
+from ring_rtt import ring_round_trip_s  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
 from pomona import auth  # noqa: E402
@@ -40,6 +43,7 @@ from pomona.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from pomona.proto import worker_pb2, worker_pb2_grpc  # noqa: E402
 from pomona.tokenizer import load_tokenizer  # noqa: E402
 from worker.gguf_loader import build_model, load_gguf  # noqa: E402
+from worker.ring import FRAME_BYTES  # noqa: E402
 from worker.wire import encode_tensor  # noqa: E402
 
 PROMPT = (
@@ -106,12 +110,14 @@ def link_round_trip_s(address: str, payload_bytes: int, node_secrets, count: int
 
 
 def stage_message_bytes(model) -> int:
-    """Bytes of one decode step's hidden state as a stage sends it: [1, 1, D] in the dtype the
-    model's embedding produces, wrapped in a StageMessage."""
+    """Bytes of one request's decode step as a stage sends it: a micro-batch of one row, the
+    hidden state [1, 1, D] in the dtype the model's embedding produces."""
     hidden = model.model.embed_tokens(mx.array([[0]]))
     message = worker_pb2.StageMessage(
-        request_id="0" * 32,
-        activations=worker_pb2.Activations(hidden=encode_tensor(hidden), sample=True),
+        request_id="batch-0",
+        decode_step=worker_pb2.DecodeStep(
+            batch=0, step=1, request_ids=["0" * 32], hidden=encode_tensor(hidden)
+        ),
     )
     return message.ByteSize()
 
@@ -176,7 +182,8 @@ def code_from(tree: Path | None):
 
 
 def start_clusters(stack, work: Path, name: str, path, layouts: dict, trees: dict) -> dict:
-    """(code label, stage count) -> a running cluster, for each tree and layout."""
+    """(code label, stage count) -> a running cluster, for each tree and layout; label "ring":
+    this code with ``transport: mlx-ring`` (an mx.distributed ring between the stages)."""
     clusters = {}
     for label, tree in trees.items():
         for stages, layout in layouts.items():
@@ -184,6 +191,11 @@ def start_clusters(stack, work: Path, name: str, path, layouts: dict, trees: dic
                 clusters[label, stages] = stack.enter_context(
                     running_cluster(work / f"{name}-{label}-{stages}", path, stages, layout)
                 )
+    for stages, layout in layouts.items():
+        if stages > 1:
+            clusters["ring", stages] = stack.enter_context(running_cluster(
+                work / f"{name}-ring-{stages}", path, stages, layout, transport="mlx-ring"
+            ))
     return clusters
 
 
@@ -199,6 +211,7 @@ def bench_model(
         message_bytes = stage_message_bytes(model)
         two = clusters["pomona", 2]
         rtt = link_round_trip_s(two.status().stages[0].address, message_bytes, two.node_secrets())
+        rtts = {"pomona": rtt, "before": rtt, "ring": ring_round_trip_s()}
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
         runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}
@@ -219,20 +232,21 @@ def bench_model(
           f"{'decode x':>10}{'vs mlx-lm':>12}{'transport':>12}{'N x RTT/2':>12}{'ratio':>7}")
     print(f"{'mlx-lm 1 proc':<16}{sp_prefill:>14.1f}{sp_decode:>14.1f}{1:>11.2f}{1:>10.2f}")
     for label, stages in clusters:
-        one_stage_s = 1 / best[label, 1][1]
+        one_stage_s = 1 / best["pomona" if label == "ring" else label, 1][1]
         prefill, decode = best[label, stages]
         # Per token: extra time over single-process mlx-lm, and the part of it that the network
         # adds (over Pomona's own 1-stage cluster, which runs the same engine with no hop).
         overhead_s = 1 / decode - 1 / sp_decode
         transport_s = 1 / decode - one_stage_s
         # A ring of N stages sends N one-way messages per token: N x RTT / 2.
-        budget_s = stages * rtt / 2 if stages > 1 else 0.0
+        budget_s = stages * rtts[label] / 2 if stages > 1 else 0.0
         ratio = f"{transport_s / budget_s:>7.2f}" if budget_s else f"{'':>7}"
         print(f"{f'{label} {stages} stage':<16}{prefill:>14.1f}{decode:>14.1f}"
               f"{prefill / sp_prefill:>11.2f}{decode / sp_decode:>10.2f}"
               f"{overhead_s * 1e3:>9.2f} ms{transport_s * 1e3:>9.2f} ms{budget_s * 1e3:>9.2f} ms{ratio}")
     print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
-          f"{rtt * 1e6:.0f} us; a ring of N stages sends N one-way messages per token")
+          f"{rtt * 1e6:.0f} us; mlx-ring ({FRAME_BYTES} B frame, the ring link's threads): "
+          f"{rtts['ring'] * 1e6:.0f} us; a ring of N stages sends N one-way messages per token")
     print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
 
 

@@ -1,6 +1,5 @@
 """The ``mlx-ring`` transport: stage-to-stage messages on an ``mx.distributed`` ring (MLX's ring
-backend, TCP between neighbouring stages; on Macs the same code path serves MLX's other
-backends' send/recv) instead of gRPC's ``Forward`` stream.
+backend, TCP between neighbouring stages) instead of gRPC's ``Forward`` stream.
 
 The stages, in order, are the ring's ranks, so every stage-to-stage message (stage i to i+1, the
 last stage's tokens back to stage 0) goes to a direct neighbour, the only kind of send the ring
@@ -13,11 +12,10 @@ What MLX's ring backend asks of its user, and how this module answers:
 - ``recv`` needs the shape in advance: messages travel in fixed frames of ``FRAME_BYTES`` (length
   and kind in the first bytes, the serialized ``StageMessage`` after), plus one more ``recv`` for
   the rest of a message that does not fit.
-- A pending ``recv`` polls its socket on a CPU core, and never returns if the peer dies: the
-  receiver waits on a semaphore instead while the link is quiet. The sender ends each busy spell
-  with a park frame after ``PARK_AFTER_S`` without messages and, before it sends again, wakes the
-  receiver with a ``RingWake`` message on the gRPC ``Forward`` stream, which also tells the sender
-  at once (as a broken gRPC stream) when its neighbour is gone.
+- A pending ``recv`` polls its non-blocking socket on a CPU core until bytes come (measured: a
+  core per waiting receiver, which on this 2-core machine slowed decode 2.5x). The receiver
+  therefore waits in ``select`` on the ring's socket (found by its local port) and posts the
+  ``recv`` only once bytes are there; its own reads stay MLX's.
 - MLX streams belong to the thread that made them: the sender and the receiver each make their
   own, and hand messages to the engine as protobuf, never as MLX arrays of their thread.
 """
@@ -28,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import select
 import tempfile
 import threading
 import time
@@ -36,18 +35,18 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+import psutil
 
 from pomona.errors import PomonaError
 from pomona.proto import worker_pb2
 
-from .link import GrpcLink, Link, LinkBroken
+from .link import Link, LinkBroken
 
 log = logging.getLogger(__name__)
 
 FRAME_BYTES = 4096  # one send per message up to FRAME_BYTES - HEADER_BYTES (a decode step's)
 HEADER_BYTES = 16  # uint64 length, uint8 kind, padding
-MESSAGE, PARK = 0, 1
-PARK_AFTER_S = 1.0  # a quiet spell this long parks the receiver (stops its polling core)
+MESSAGE = 0  # the frame's kind (the only one so far)
 RING_FORM_TIMEOUT_S = 60.0
 RESTART = "restart the cluster (pomona down, then pomona up), or use `transport: grpc`"
 
@@ -91,7 +90,7 @@ def join(hosts: list[str], rank: int, deliver: Callable[[object], None]) -> Ring
         if _forming_stuck:
             raise PomonaError(_forming_stuck)
         group = _form(hosts, rank)
-        receiver = RingReceiver(group, (rank - 1) % len(hosts), deliver)
+        receiver = RingReceiver(group, (rank - 1) % len(hosts), _port(hosts[rank]), deliver)
         _ring = Ring(tuple(hosts), rank, group, receiver)
         log.info("joined the mx.distributed ring as %s", _ring.describe())
         return _ring
@@ -142,6 +141,21 @@ def _init_ring(outcome: dict) -> None:
         outcome["error"] = str(error)
 
 
+def _port(host: str) -> int:
+    return int(host.rsplit(":", 1)[1])
+
+
+def _inbound_socket(local_port: int) -> int | None:
+    """The file descriptor of the ring connection this process accepted on ``local_port`` (from
+    the previous rank: the only established connection on the ring port, since MLX closes the
+    listening socket once its neighbour is in); None where the platform does not say."""
+    for connection in psutil.Process().net_connections(kind="tcp"):
+        if connection.laddr and connection.laddr.port == local_port and connection.raddr:
+            if connection.status == psutil.CONN_ESTABLISHED and connection.fd >= 0:
+                return connection.fd
+    return None
+
+
 def _frame(kind: int, payload: bytes = b"") -> tuple[np.ndarray, bytes]:
     """The fixed frame (header and the payload's head) and what of the payload does not fit."""
     frame = np.zeros(FRAME_BYTES, dtype=np.uint8)
@@ -153,17 +167,17 @@ def _frame(kind: int, payload: bytes = b"") -> tuple[np.ndarray, bytes]:
 
 
 class RingReceiver:
-    """Receives the previous rank's messages on its own thread while woken."""
+    """Receives the previous rank's messages on its own thread."""
 
-    def __init__(self, group, source: int, deliver: Callable[[object], None]):
+    def __init__(self, group, source: int, local_port: int, deliver: Callable[[object], None]):
         self._group, self._source, self._deliver = group, source, deliver
-        self._wakes = threading.Semaphore(0)
+        self._fd = _inbound_socket(local_port)
+        if self._fd is None:
+            log.warning("the ring's inbound socket on port %d was not found: the receiver polls "
+                        "its socket on a CPU core while it waits", local_port)
         self.messages = 0
+        self.failed = ""
         threading.Thread(target=self._run, name="ring-receive", daemon=True).start()
-
-    def wake(self) -> None:
-        """The previous rank will send again (its ``RingWake``, one per park frame it sent)."""
-        self._wakes.release()
 
     def _recv(self, size: int, stream) -> bytes:
         array = mx.distributed.recv((size,), mx.uint8, self._source, group=self._group, stream=stream)
@@ -172,13 +186,12 @@ class RingReceiver:
 
     def _run(self) -> None:
         stream = mx.new_stream(mx.cpu)
-        while True:
-            self._wakes.acquire()  # parked: no recv pending, no core polling
+        try:
             while True:
+                if self._fd is not None:  # until bytes come: a pending recv would poll a core
+                    select.select([self._fd], [], [])
                 frame = self._recv(FRAME_BYTES, stream)
-                length, kind = int.from_bytes(frame[:8], "little"), frame[8]
-                if kind == PARK:
-                    break
+                length = int.from_bytes(frame[:8], "little")
                 payload = frame[HEADER_BYTES : HEADER_BYTES + length]
                 if length > len(payload):
                     payload += self._recv(length - len(payload), stream)
@@ -189,11 +202,13 @@ class RingReceiver:
                     continue
                 self.messages += 1
                 self._deliver(message)
+        except (RuntimeError, OSError, ValueError) as error:  # the previous rank is gone
+            self.failed = str(error)
+            log.warning("the ring receiver stopped: %s", error)
 
 
 class RingLink(Link):
-    """Stage-to-stage messages to the next rank on the ring; ``RingWake`` (and broken-peer
-    detection) on a gRPC ``Forward`` stream to the same node."""
+    """Stage-to-stage messages to the next rank on the ring, sent in order from one thread."""
 
     def __init__(
         self,
@@ -206,22 +221,10 @@ class RingLink(Link):
         self._ring = ring
         self._peer = (ring.rank + 1) % ring.size
         self._on_broken = on_broken or (lambda node, reason: None)
-        self._wake_link = GrpcLink(node, address, "stage", on_broken=self._wake_broken)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._failed = ""
         self._closed = False
-        self.parks = 0  # quiet spells ended with a park frame (the receiver stopped polling)
         threading.Thread(target=self._run, name=f"ring-send-{node}", daemon=True).start()
-
-    def _wake_broken(self, node: str, reason: str) -> None:
-        self._fail(f"{reason}; MLX cannot re-form a ring inside running workers: {RESTART}")
-
-    def _fail(self, reason: str) -> None:
-        if self._failed or self._closed:
-            return
-        self._failed = reason
-        log.warning("ring link: %s", reason)
-        self._on_broken(self.node, reason)
 
     @property
     def broken(self) -> str:
@@ -237,36 +240,22 @@ class RingLink(Link):
     def close(self) -> None:
         self._closed = True
         self._outbox.put(None)
-        self._wake_link.close()
-
-    def _send_frame(self, stream, kind: int, payload: bytes = b"") -> None:
-        frame, rest = _frame(kind, payload)
-        # One eval per send: two independent sends in one graph may run in either order.
-        mx.eval(mx.distributed.send(mx.array(frame), self._peer, group=self._ring.group, stream=stream))
-        if rest:
-            tail = mx.array(np.frombuffer(rest, dtype=np.uint8))
-            mx.eval(mx.distributed.send(tail, self._peer, group=self._ring.group, stream=stream))
 
     def _run(self) -> None:
         stream = mx.new_stream(mx.cpu)
-        awake = False  # the receiver is woken (waiting on the ring for frames)
-        wake = worker_pb2.StageMessage(request_id="ring", ring_wake=worker_pb2.RingWake())
+        group = self._ring.group
         try:
-            while True:
-                try:
-                    message = self._outbox.get(timeout=PARK_AFTER_S if awake else None)
-                except queue.Empty:
-                    self._send_frame(stream, PARK)
-                    awake, self.parks = False, self.parks + 1
-                    continue
-                if message is None:
-                    if awake:
-                        self._send_frame(stream, PARK)
-                    return
-                if not awake:
-                    self._wake_link.send(wake)
-                    awake = True
-                self._send_frame(stream, MESSAGE, message.SerializeToString())
-        except (LinkBroken, RuntimeError) as error:
+            while (message := self._outbox.get()) is not None:
+                frame, rest = _frame(MESSAGE, message.SerializeToString())
+                # One eval per send: two independent sends in one graph may run in either order.
+                mx.eval(mx.distributed.send(mx.array(frame), self._peer, group=group, stream=stream))
+                if rest:
+                    tail = mx.array(np.frombuffer(rest, dtype=np.uint8))
+                    mx.eval(mx.distributed.send(tail, self._peer, group=group, stream=stream))
+        except RuntimeError as error:  # MLX: "[ring] connection to a peer was lost"
+            if self._closed:
+                return
             where = f"node {self.node!r} at {self.address}"
-            self._fail(f"{where} is unreachable on the ring ({error}); {RESTART}")
+            self._failed = f"{where} is unreachable on the ring ({error}); {RESTART}"
+            log.warning("ring link: %s", self._failed)
+            self._on_broken(self.node, self._failed)

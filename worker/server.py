@@ -246,14 +246,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def Forward(self, request_iterator, context):
         for message in request_iterator:
-            if message.WhichOneof("body") == "ring_wake":  # mlx-ring: frames will follow on the ring
-                if (joined := ring.current()) is not None:
-                    joined.receiver.wake()
-                    continue
-                problem = "a ring wake for a worker that is on no mx.distributed ring; closing this stream"
-            else:
-                problem = self._admission_problem(message)
-            if problem:  # the sender is broken: its stream goes, every other request runs on
+            # A problem means the sender is broken: its stream goes, every other request runs on.
+            if problem := self._admission_problem(message):
                 log.warning("refused a data-plane stream from %s: %s", context.peer(), problem)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             self.engine.submit(message)

@@ -367,7 +367,7 @@ class CancelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageMessage(_message.Message):
-    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens", "prefill_rows", "ring_wake")
+    __slots__ = ("request_id", "start", "activations", "end", "cancel", "decode_step", "decode_tokens", "prefill_rows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -376,7 +376,6 @@ class StageMessage(_message.Message):
     DECODE_STEP_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ROWS_FIELD_NUMBER: _ClassVar[int]
-    RING_WAKE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start: StartRequest
     activations: Activations
@@ -385,12 +384,7 @@ class StageMessage(_message.Message):
     decode_step: DecodeStep
     decode_tokens: DecodeTokens
     prefill_rows: PrefillRows
-    ring_wake: RingWake
-    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., prefill_rows: _Optional[_Union[PrefillRows, _Mapping]] = ..., ring_wake: _Optional[_Union[RingWake, _Mapping]] = ...) -> None: ...
-
-class RingWake(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[_Union[StartRequest, _Mapping]] = ..., activations: _Optional[_Union[Activations, _Mapping]] = ..., end: _Optional[_Union[EndRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., decode_step: _Optional[_Union[DecodeStep, _Mapping]] = ..., decode_tokens: _Optional[_Union[DecodeTokens, _Mapping]] = ..., prefill_rows: _Optional[_Union[PrefillRows, _Mapping]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()
