@@ -1,13 +1,18 @@
 """Incremental detokenization with stop strings.
 
-Text is decoded from all tokens so far (so multi-byte characters split across tokens come out whole)
-and released only when it is final: never half a character, and never a tail that might still grow
-into a stop string.
+Text is decoded so that multi-byte characters split across tokens come out whole, and released
+only when it is final: never half a character, and never a tail that might still grow into a stop
+string. Each token decodes only the tokens since the last settled point plus a few before them
+(so that spaces and cleanups at the junction come out as in a whole decode): a long generation
+costs linear, not quadratic, detokenization.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+CONTEXT_TOKENS = 4  # decoded again before the new tokens, so that they join as in a whole decode
+SETTLE_TOKENS = 16  # tokens decoded per push at most, beyond the context
 
 
 class TextStream:
@@ -17,6 +22,9 @@ class TextStream:
         self.token_ids: list[int] = []
         self.text = ""  # text released so far
         self.stopped = False  # a stop string was found
+        self._settled = 0  # token_ids[:_settled] decode to _settled_text, which no token changes
+        self._settled_text = ""
+        self._head = ""  # the decode of the context tokens just before _settled
 
     def _held_back(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
@@ -31,12 +39,27 @@ class TextStream:
     def push(self, token_id: int, final: bool = False) -> str:
         """Add a token; returns the newly released text. ``final``: no more tokens will come."""
         self.token_ids.append(token_id)
-        return self._release(self._decode(self.token_ids), final)
+        return self._release(self._decoded(), final)
+
+    def _decoded(self) -> str:
+        """The decode of every token so far, from the tokens since the settled point."""
+        context = max(self._settled - CONTEXT_TOKENS, 0)
+        window = self._decode(self.token_ids[context:])
+        if not window.startswith(self._head):  # the junction decodes differently: decode it all
+            full = self._decode(self.token_ids)
+        else:
+            full = self._settled_text + window[len(self._head) :]
+        if len(self.token_ids) - self._settled >= SETTLE_TOKENS and not full.endswith("\ufffd"):
+            self._settled, self._settled_text = len(self.token_ids), full
+            self._head = self._decode(self.token_ids[max(self._settled - CONTEXT_TOKENS, 0) :])
+        return full
 
     def _release(self, full: str, final: bool) -> str:
         if self.stopped:
             return ""
-        cut = min((i for i in (full.find(s) for s in self._stop) if i >= 0), default=-1)
+        # A stop string ends past the released text (it would have been found before otherwise).
+        found = (full.find(s, max(len(self.text) - len(s), 0)) for s in self._stop)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             ready = full[:cut]

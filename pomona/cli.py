@@ -145,6 +145,9 @@ def cmd_up(args) -> int:
         process.wait(timeout=5)
         raise CliError(f"the cluster did not come up: {reason}")
     print(f"cluster ready; coordinator at {config.coordinator.address}")
+    if config.transport != "grpc":
+        print(f"stage-to-stage transport: {config.transport} (an mx.distributed ring of the stages; "
+              "a lost stage needs a restart)")
     if config.api.enabled:
         print(f"HTTP API (OpenAI and Anthropic) at {config.api.url}/v1; web page at {config.api.url}/")
     status = stub.GetStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)

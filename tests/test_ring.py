@@ -56,6 +56,7 @@ def test_ring_gives_the_tokens_of_grpc_and_mlx_lm_and_idles_quietly(tmp_path):
     assert over_grpc == expected
     assert len(load_tokenizer(path).encode(long_prompt)) * 64 * 4 > FRAME_BYTES
     with running_cluster(tmp_path / "ring", path, 3, layout, transport="mlx-ring") as cluster:
+        assert "stage-to-stage transport: mlx-ring" in cluster.up_output
         summary = cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS)
         assert list(summary.token_ids) == expected
         assert list(cluster.generate(long_prompt, raw=True, max_tokens=6).token_ids) == long_over_grpc

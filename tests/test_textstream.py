@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from coordinator.textstream import TextStream
@@ -39,3 +41,36 @@ def test_final_token_releases_held_text():
     assert stream.push(0) == "Hel"
     assert stream.push(8, final=True) == "EN"  # the request ended: nothing more can complete it
     assert stream.text == "HelEN"
+
+
+def _whole_decode_releases(decode_fn, ids, stop):
+    """What the stream released when it decoded every token each time (the reference)."""
+    stream = TextStream(decode_fn, stop)
+    stream._decoded = lambda: decode_fn(stream.token_ids)
+    return [stream.push(i, final=n == len(ids) - 1) for n, i in enumerate(ids)], stream.stopped
+
+
+def _sentencepiece_like(ids) -> str:
+    # As SentencePiece's decoder: "▁" pieces become spaces and the text's leading space goes.
+    return decode(ids).replace("_", " ").removeprefix(" ")
+
+
+@pytest.mark.parametrize("decode_fn", [decode, _sentencepiece_like])
+@pytest.mark.parametrize("seed", range(20))
+def test_long_streams_release_what_a_whole_decode_releases(decode_fn, seed):
+    """Hundreds of tokens (characters split across tokens, stop strings) give exactly the text
+    of decoding every token every time, while each push decodes only a few tokens."""
+    rng = random.Random(seed)
+    ids = [rng.randrange(len(PIECES)) for _ in range(300)]
+    ids = [i for n, i in enumerate(ids) if PIECES[i] != b"\xa9" or (n and ids[n - 1] == 5)]
+    stop = rng.choice([[], ["END"], ["ld!"], ["xyz"]])
+    decoded_lengths = []
+
+    def counting(window):
+        decoded_lengths.append(len(window))
+        return decode_fn(window)
+
+    stream = TextStream(counting, stop)
+    released = [stream.push(i, final=n == len(ids) - 1) for n, i in enumerate(ids)]
+    assert (released, stream.stopped) == _whole_decode_releases(decode_fn, ids, stop)
+    assert max(decoded_lengths) <= 32  # not the 300 a whole decode takes at the end
