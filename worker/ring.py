@@ -149,7 +149,11 @@ def _inbound_socket(local_port: int) -> int | None:
     """The file descriptor of the ring connection this process accepted on ``local_port`` (from
     the previous rank: the only established connection on the ring port, since MLX closes the
     listening socket once its neighbour is in); None where the platform does not say."""
-    for connection in psutil.Process().net_connections(kind="tcp"):
+    try:
+        connections = psutil.Process().net_connections(kind="tcp")
+    except psutil.Error:  # e.g. access denied: the receiver then polls (see RingReceiver)
+        return None
+    for connection in connections:
         if connection.laddr and connection.laddr.port == local_port and connection.raddr:
             if connection.status == psutil.CONN_ESTABLISHED and connection.fd >= 0:
                 return connection.fd
