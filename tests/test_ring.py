@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import psutil
 import pytest
 import yaml
-from cluster_helpers import running_cluster
+from cluster_helpers import free_ports, running_cluster
 from layouts import LAYOUTS, PROMPT
 from test_dataplane import _kill_while_generating
 from tiny_models import make_tiny_checkpoint, reference_generate
@@ -143,3 +146,26 @@ def test_ring_hosts_must_match_the_stages(tmp_path):
             with pytest.raises(grpc.RpcError) as refused:
                 list(stub.LoadShard(request, timeout=60))
         assert "one ring host per stage: 1 for 2 stages" in refused.value.details()
+
+
+def test_a_ring_whose_neighbour_never_comes_fails_the_load_naming_them(tmp_path):
+    """Rank 0 of a ring whose other rank never starts: the join gives up at its deadline with a
+    message naming the rank and its neighbours (in a subprocess: MLX's group is per process)."""
+    ports = free_ports(2)
+    hosts = [f"127.0.0.1:{port}" for port in ports]
+    script = (
+        "import sys\n"
+        "from worker import ring\n"
+        "from pomona.errors import PomonaError\n"
+        "ring.RING_FORM_TIMEOUT_S = 2.0\n"
+        f"try:\n    ring.join({hosts!r}, 0, print)\n"
+        "except PomonaError as error:\n    print(error)\n    sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "did not form within 2 s: rank 0 at " + hosts[0] in done.stdout
+    assert f"neighbours {hosts[1]} and {hosts[1]}" in done.stdout
+    assert "pomona down, then pomona up" in done.stdout

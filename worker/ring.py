@@ -8,7 +8,9 @@ backend has. Expert dispatch and the control plane stay on gRPC.
 What MLX's ring backend asks of its user, and how this module answers:
 - A group forms once per process, from a hostfile and a rank, and every rank must join within
   seconds of the others: ``join`` forms it at the start of the first load (the coordinator loads
-  every node at once) and refuses a later load with another layout, naming what to do.
+  every node at once) and refuses a later load with another layout, naming what to do. MLX waits
+  for the previous rank in ``accept`` for ever, holding the GIL: a helper process connects to the
+  rank's own port at the deadline, so that a neighbour that never comes fails the load.
 - ``recv`` needs the shape in advance: messages travel in fixed frames of ``FRAME_BYTES`` (length
   and kind in the first bytes, the serialized ``StageMessage`` after), plus one more ``recv`` for
   the rest of a message that does not fit.
@@ -27,6 +29,8 @@ import logging
 import os
 import queue
 import select
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -109,11 +113,16 @@ def _form(hosts: list[str], rank: int):
     deadline = time.monotonic() + RING_FORM_TIMEOUT_S
     try:
         while True:  # MLX connects to the next rank a few times, ~15 s: retry until the deadline
-            outcome: dict = {}
-            attempt = threading.Thread(target=_init_ring, args=(outcome,), name="ring-form", daemon=True)
-            attempt.start()
-            attempt.join(max(deadline - time.monotonic(), 0.1))
-            if attempt.is_alive():
+            unblocker = _unblocker(hosts[rank], max(deadline - time.monotonic(), 0.1))
+            group, error = None, ""
+            try:
+                group = mx.distributed.init(strict=True, backend="ring")  # holds the GIL throughout
+            except (RuntimeError, ValueError) as failure:
+                error = str(failure)
+            finally:
+                unblocker.kill()
+                fired = unblocker.wait() == UNBLOCKED
+            if fired:  # nobody but the unblocker came: the group (if any) has no real neighbour
                 _forming_stuck = (
                     f"the mx.distributed ring did not form within {RING_FORM_TIMEOUT_S:.0f} s: rank "
                     f"{rank} at {hosts[rank]} waited for its neighbours {neighbours}; check that every "
@@ -121,24 +130,42 @@ def _form(hosts: list[str], rank: int):
                     f"{RESTART}"
                 )
                 raise PomonaError(_forming_stuck)
-            if "group" in outcome:
-                return outcome["group"]
+            if group is not None:
+                return group
             if time.monotonic() >= deadline:
                 raise PomonaError(
                     f"the mx.distributed ring did not form: rank {rank} at {hosts[rank]} could not "
-                    f"reach its neighbours {neighbours} ({outcome['error']}); check that these ports "
-                    f"are reachable between the nodes, then {RESTART}"
+                    f"reach its neighbours {neighbours} ({error}); check that these ports are "
+                    f"reachable between the nodes, then {RESTART}"
                 )
-            log.info("ring not formed yet (%s); trying again", outcome["error"])
+            log.info("ring not formed yet (%s); trying again", error)
+            time.sleep(0.5)
     finally:
         os.unlink(file.name)
 
 
-def _init_ring(outcome: dict) -> None:
-    try:
-        outcome["group"] = mx.distributed.init(strict=True, backend="ring")
-    except (RuntimeError, ValueError) as error:
-        outcome["error"] = str(error)
+UNBLOCKED = 7  # the unblocker's exit status when it connected
+_UNBLOCKER = """
+import socket, sys, time
+host, port, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+time.sleep(delay)
+try:
+    socket.create_connection((host, port), timeout=5).close()
+except OSError:
+    sys.exit(0)
+sys.exit(7)
+"""
+
+
+def _unblocker(host: str, delay_s: float) -> subprocess.Popen:
+    """MLX's ring init waits in ``accept`` for the previous rank for ever, holding the GIL (the
+    whole worker stops, gRPC included): a process that connects to this rank's own ring port at
+    the deadline ends that wait, so a neighbour that never comes costs an error, not a worker."""
+    ip, port = host.rsplit(":", 1)
+    return subprocess.Popen(
+        [sys.executable, "-c", _UNBLOCKER, ip, port, f"{delay_s:.3f}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
 
 
 def _port(host: str) -> int:
