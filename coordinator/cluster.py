@@ -78,6 +78,7 @@ class Cluster:
     state_dir: Path | None = None  # where the expert-load history lives (`pomona.expert_load`)
     token: str = ""  # the cluster's secret; "" means auth.cluster_token(config)
     state: str = "starting"  # starting, profiling, loading, ready, degraded, failed, stopping
+    power_notes: dict[str, str] = field(default_factory=dict)  # node -> why its power is estimated
     error: str = ""
     message: str = ""
     model: ModelInfo | None = None
@@ -188,6 +189,7 @@ class Cluster:
             power = measurement.profile.power.basis
             if measurement.power_note:
                 power += f"; no power meter ({measurement.power_note})"
+                self.power_notes[name] = f"no power meter ({measurement.power_note})"
             self.message = f"node {name!r} profiled {how}; power {power}"
             self.nodes[name].state = "profiled"
 

@@ -144,6 +144,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 status.expert_load = f"{load.tokens} routed tokens, {load.source}"
         for option in cluster.baselines:
             status.baselines.append(option_message(option))
+        status.power_notes.extend(f"{node}: {note}" for node, note in sorted(cluster.power_notes.items()))
         if request.include_workers and cluster.state == "ready" and cluster.energy is not None:
             now = await cluster.energy.snapshot()
             nodes = cluster.energy.between(cluster.energy.origin, now)

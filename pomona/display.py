@@ -92,6 +92,8 @@ def prediction_lines(status: coordinator_pb2.ClusterStatus) -> list[str]:
         lines.append(f"note: {status.plan_note}")
     for node in status.left_out:
         lines.append(f"left out: {node.node}: {node.reason}")
+    for note in status.power_notes:
+        lines.append(f"power estimated on {note}")
     return lines
 
 

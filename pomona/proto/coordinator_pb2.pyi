@@ -172,7 +172,7 @@ class ExpertGroupInfo(_message.Message):
     def __init__(self, node: _Optional[str] = ..., layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message", "expert_groups", "objective", "predicted", "left_out", "baselines", "energy_j", "energy_basis", "plan_note", "expert_load")
+    __slots__ = ("state", "error", "model", "architecture", "num_layers", "stages", "active_requests", "message", "expert_groups", "objective", "predicted", "left_out", "baselines", "energy_j", "energy_basis", "plan_note", "expert_load", "power_notes")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,7 @@ class ClusterStatus(_message.Message):
     ENERGY_BASIS_FIELD_NUMBER: _ClassVar[int]
     PLAN_NOTE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    POWER_NOTES_FIELD_NUMBER: _ClassVar[int]
     state: str
     error: str
     model: str
@@ -207,7 +208,8 @@ class ClusterStatus(_message.Message):
     energy_basis: str
     plan_note: str
     expert_load: str
-    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ..., expert_groups: _Optional[_Iterable[_Union[ExpertGroupInfo, _Mapping]]] = ..., objective: _Optional[str] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., left_out: _Optional[_Iterable[_Union[LeftOutNode, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[PlanOptionInfo, _Mapping]]] = ..., energy_j: _Optional[float] = ..., energy_basis: _Optional[str] = ..., plan_note: _Optional[str] = ..., expert_load: _Optional[str] = ...) -> None: ...
+    power_notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[str] = ..., error: _Optional[str] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., active_requests: _Optional[int] = ..., message: _Optional[str] = ..., expert_groups: _Optional[_Iterable[_Union[ExpertGroupInfo, _Mapping]]] = ..., objective: _Optional[str] = ..., predicted: _Optional[_Union[Prediction, _Mapping]] = ..., left_out: _Optional[_Iterable[_Union[LeftOutNode, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[PlanOptionInfo, _Mapping]]] = ..., energy_j: _Optional[float] = ..., energy_basis: _Optional[str] = ..., plan_note: _Optional[str] = ..., expert_load: _Optional[str] = ..., power_notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertStatsQuery(_message.Message):
     __slots__ = ()
