@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import select
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from cluster_helpers import free_ports  # noqa: E402
 
 ROUNDS = 300
 
@@ -31,7 +33,7 @@ def _side(rank: int, hostfile: str) -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from worker.ring import FRAME_BYTES, MESSAGE, _frame, _inbound_socket, _port
+    from worker.ring import FRAME_BYTES, _frame, _inbound_socket, _port
 
     group = mx.distributed.init(strict=True, backend="ring")
     peer = 1 - rank
@@ -41,7 +43,7 @@ def _side(rank: int, hostfile: str) -> None:
     def send() -> None:
         stream = mx.new_stream(mx.cpu)
         while (payload := outbox.get()) is not None:
-            frame, _ = _frame(MESSAGE, payload)
+            frame, _ = _frame(payload)
             mx.eval(mx.distributed.send(mx.array(frame), peer, group=group, stream=stream))
 
     def receive() -> None:
@@ -76,11 +78,7 @@ def _side(rank: int, hostfile: str) -> None:
 
 def ring_round_trip_s(timeout_s: float = 120) -> float:
     """The median round trip of one ring frame between two fresh processes on loopback."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+    ports = free_ports(2)  # held at once while chosen: two different ports
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
         json.dump([[f"127.0.0.1:{port}"] for port in ports], file)
     try:

@@ -275,7 +275,7 @@ class Cluster:
         hostnames = [info.hostname if info else node for node, info in infos.items()]
         micro_batches = micro_batch_count(self.config.generation.micro_batches, hostnames)
         request = load_request(str(self.model.path), self.placement, addresses, node, micro_batches)
-        if self.config.transport == "mlx-ring" and len(self.placement.stages) > 1:
+        if self._on_ring:
             request.transport = "mlx-ring"
             request.ring_hosts[:] = await asyncio.to_thread(self._ring_hosts)
         what = f"layers [{request.layer_start}, {request.layer_end})"
@@ -366,11 +366,16 @@ class Cluster:
             results.cancel()
         self._tasks.append(asyncio.create_task(self._watch_lost(name)))
 
+    @property
+    def _on_ring(self) -> bool:
+        """Whether the stages talk over an mx.distributed ring (one stage has no ring)."""
+        return self.config.transport == "mlx-ring" and len(self.placement.stages) > 1
+
     def _recovers_from(self, name: str) -> bool:
         """Whether losing ``name`` starts a recovery: not for a stage on an mx.distributed ring,
         which MLX cannot re-form without new workers (the error says to restart)."""
-        on_ring = self.config.transport == "mlx-ring" and len(self.placement.stages) > 1
-        return self.config.recovery and not (on_ring and any(s.node == name for s in self.placement.stages))
+        on_ring_stage = self._on_ring and any(s.node == name for s in self.placement.stages)
+        return self.config.recovery and not on_ring_stage
 
     def reopen_first_stage(self) -> None:
         """A new stream to stage 0 (after a recovery moved it, or to be sure it is fresh)."""

@@ -6,7 +6,6 @@ needs a ring the workers cannot form."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import grpc
 import psutil
 import pytest
 import yaml
-from cluster_helpers import free_ports, running_cluster
+from cluster_helpers import cluster_pids, free_ports, running_cluster
 from layouts import LAYOUTS, PROMPT
 from test_dataplane import _kill_while_generating
 from tiny_models import make_tiny_checkpoint, reference_generate
@@ -30,14 +29,19 @@ from worker.ring import FRAME_BYTES
 NEW_TOKENS = 12
 
 
-def _workers(directory) -> dict[str, dict]:
-    return json.loads((directory / ".pomona" / "cluster.json").read_text())["local_workers"]
-
-
-def _node_address(directory, name: str) -> str:
+def _reload_on_a_ring(directory, cluster, path, ring_hosts: list[str]) -> list:
+    """Release node a's shard and ask it, directly, to load stage 0 of 2 on the ring of
+    ``ring_hosts``: its LoadShard progress messages."""
     nodes = yaml.safe_load((directory / "cluster.yaml").read_text())["nodes"]
-    node = next(n for n in nodes if n["name"] == name)
-    return f"{node['host']}:{node['port']}"
+    node = next(n for n in nodes if n["name"] == "a")
+    with auth.channel(f"{node['host']}:{node['port']}", CHANNEL_OPTIONS, cluster.node_secrets()) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        stub.Release(worker_pb2.ReleaseRequest(), timeout=30)
+        request = worker_pb2.LoadShardRequest(
+            model_path=str(path), layer_start=0, layer_end=3, is_first=True, stage_index=0,
+            stage_count=2, next_address="127.0.0.1:1", transport="mlx-ring", ring_hosts=ring_hosts,
+        )
+        return list(stub.LoadShard(request, timeout=60))
 
 
 def _cpu_seconds(pids: list[int], window_s: float) -> dict[int, float]:
@@ -70,8 +74,7 @@ def test_ring_gives_the_tokens_of_grpc_and_mlx_lm_and_idles_quietly(tmp_path):
             ).read_text()
         # Quiet: no receiver polls its socket on a core (MLX's pending recv would).
         time.sleep(0.5)
-        pids = [w["pid"] for w in _workers(tmp_path / "ring").values()]
-        busy = _cpu_seconds(pids, 1.5)
+        busy = _cpu_seconds(cluster_pids(tmp_path / "ring"), 1.5)  # the coordinator's too
         assert all(seconds < 0.6 for seconds in busy.values()), busy
         # And after the quiet spell, the ring still carries requests.
         assert list(cluster.generate(PROMPT, raw=True, max_tokens=NEW_TOKENS).token_ids) == expected
@@ -116,16 +119,7 @@ def test_a_worker_keeps_its_ring_and_refuses_another_layout(tmp_path):
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     with running_cluster(tmp_path / "c", path, 2, LAYOUTS["llama"][2], transport="mlx-ring") as cluster:
         assert cluster.generate(PROMPT, raw=True, max_tokens=4).token_ids
-        address = _node_address(tmp_path / "c", "a")
-        with auth.channel(address, CHANNEL_OPTIONS, cluster.node_secrets()) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            stub.Release(worker_pb2.ReleaseRequest(), timeout=30)
-            request = worker_pb2.LoadShardRequest(
-                model_path=str(path), layer_start=0, layer_end=3, is_first=True, stage_index=0,
-                stage_count=2, next_address="127.0.0.1:1", transport="mlx-ring",
-                ring_hosts=["127.0.0.1:2", "127.0.0.1:3"],
-            )
-            progress = list(stub.LoadShard(request, timeout=60))
+        progress = _reload_on_a_ring(tmp_path / "c", cluster, path, ["127.0.0.1:2", "127.0.0.1:3"])
         assert "MLX keeps a process's ring for its lifetime" in progress[-1].error
         assert "pomona down, then pomona up" in progress[-1].error
 
@@ -134,17 +128,8 @@ def test_ring_hosts_must_match_the_stages(tmp_path):
     """A LoadShard with the wrong number of ring hosts is refused before anything forms."""
     path = make_tiny_checkpoint("llama", tmp_path / "llama")
     with running_cluster(tmp_path / "c", path, 1) as cluster:
-        address = _node_address(tmp_path / "c", "a")
-        with auth.channel(address, CHANNEL_OPTIONS, cluster.node_secrets()) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            stub.Release(worker_pb2.ReleaseRequest(), timeout=30)
-            request = worker_pb2.LoadShardRequest(
-                model_path=str(path), layer_start=0, layer_end=3, is_first=True, stage_index=0,
-                stage_count=2, next_address="127.0.0.1:1", transport="mlx-ring",
-                ring_hosts=["127.0.0.1:2"],
-            )
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.LoadShard(request, timeout=60))
+        with pytest.raises(grpc.RpcError) as refused:
+            _reload_on_a_ring(tmp_path / "c", cluster, path, ["127.0.0.1:2"])
         assert "one ring host per stage: 1 for 2 stages" in refused.value.details()
 
 

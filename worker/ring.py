@@ -12,7 +12,7 @@ What MLX's ring backend asks of its user, and how this module answers:
   for the previous rank in ``accept`` for ever, holding the GIL: a helper process connects to the
   rank's own port at the deadline, so that a neighbour that never comes fails the load.
 - ``recv`` needs the shape in advance: messages travel in fixed frames of ``FRAME_BYTES`` (length
-  and kind in the first bytes, the serialized ``StageMessage`` after), plus one more ``recv`` for
+  in the first bytes, the serialized ``StageMessage`` after), plus one more ``recv`` for
   the rest of a message that does not fit.
 - A pending ``recv`` polls its non-blocking socket on a CPU core until bytes come (measured: a
   core per waiting receiver, which on this 2-core machine slowed decode 2.5x). The receiver
@@ -49,8 +49,7 @@ from .link import Link, LinkBroken
 log = logging.getLogger(__name__)
 
 FRAME_BYTES = 4096  # one send per message up to FRAME_BYTES - HEADER_BYTES (a decode step's)
-HEADER_BYTES = 16  # uint64 length, uint8 kind, padding
-MESSAGE = 0  # the frame's kind (the only one so far)
+HEADER_BYTES = 16  # uint64 length, padding
 RING_FORM_TIMEOUT_S = 60.0
 RESTART = "restart the cluster (pomona down, then pomona up), or use `transport: grpc`"
 
@@ -187,12 +186,11 @@ def _inbound_socket(local_port: int) -> int | None:
     return None
 
 
-def _frame(kind: int, payload: bytes = b"") -> tuple[np.ndarray, bytes]:
+def _frame(payload: bytes) -> tuple[np.ndarray, bytes]:
     """The fixed frame (header and the payload's head) and what of the payload does not fit."""
     frame = np.zeros(FRAME_BYTES, dtype=np.uint8)
     head = payload[: FRAME_BYTES - HEADER_BYTES]
     frame[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
-    frame[8] = kind
     frame[HEADER_BYTES : HEADER_BYTES + len(head)] = np.frombuffer(head, dtype=np.uint8)
     return frame, payload[len(head) :]
 
@@ -206,8 +204,6 @@ class RingReceiver:
         if self._fd is None:
             log.warning("the ring's inbound socket on port %d was not found: the receiver polls "
                         "its socket on a CPU core while it waits", local_port)
-        self.messages = 0
-        self.failed = ""
         threading.Thread(target=self._run, name="ring-receive", daemon=True).start()
 
     def _recv(self, size: int, stream) -> bytes:
@@ -231,10 +227,8 @@ class RingReceiver:
                 except Exception as error:  # noqa: BLE001 - a protobuf DecodeError: drop, go on
                     log.warning("dropped an undecodable ring message (%d bytes): %s", length, error)
                     continue
-                self.messages += 1
                 self._deliver(message)
         except (RuntimeError, OSError, ValueError) as error:  # the previous rank is gone
-            self.failed = str(error)
             log.warning("the ring receiver stopped: %s", error)
 
 
@@ -277,7 +271,7 @@ class RingLink(Link):
         group = self._ring.group
         try:
             while (message := self._outbox.get()) is not None:
-                frame, rest = _frame(MESSAGE, message.SerializeToString())
+                frame, rest = _frame(message.SerializeToString())
                 # One eval per send: two independent sends in one graph may run in either order.
                 mx.eval(mx.distributed.send(mx.array(frame), self._peer, group=group, stream=stream))
                 if rest:

@@ -28,7 +28,14 @@ from .expert_counts import count_routed_experts
 from .link import GrpcLink, Link
 from .linkprobe import measure_link
 from .stage import ExpertPlan, load_expert_host, load_stage
-from .validate import expert_request_problem, load_problem, measure_problem, profile_problem, stream_problem
+from .validate import (
+    expert_request_problem,
+    load_problem,
+    measure_problem,
+    on_ring,
+    profile_problem,
+    stream_problem,
+)
 
 log = logging.getLogger(__name__)
 MAX_EVENTS_PER_MESSAGE = 4096  # token events coalesced into one Results message
@@ -119,7 +126,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 remote[group.layer][group.node] = list(group.expert_ids)
                 addresses[group.node] = group.address
             engine.dispatcher.connect(addresses)
-            if _on_ring(request):  # first: every stage joins at once, before its weights load
+            if on_ring(request):  # first: every stage joins at once, before its weights load
                 report(0.0, "joining the mx.distributed ring")
                 ring.join(list(request.ring_hosts), request.stage_index, self._deliver)
             stage_layers = range(0) if request.experts_only else range(request.layer_start, request.layer_end)
@@ -177,7 +184,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             engine.call(lambda: engine.on_next_link_broken(reason))
 
         name = request.next_node or request.next_address
-        if _on_ring(request):
+        if on_ring(request):
             return ring.RingLink(name, request.next_address, ring.current(), on_broken=broken)
         return GrpcLink(name, request.next_address, "stage", on_broken=broken)
 
@@ -293,10 +300,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 yield worker_pb2.TokenEvents(events=events)
         finally:
             self.engine.results.unsubscribe(subscriber)
-
-
-def _on_ring(request) -> bool:
-    return request.transport == "mlx-ring" and request.stage_count > 1 and not request.experts_only
 
 
 def _free_port() -> int:

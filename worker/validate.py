@@ -211,6 +211,11 @@ def expert_request_problem(request, host, max_message_bytes: int) -> str:
     return ""
 
 
+def on_ring(request) -> bool:
+    """Whether a LoadShard puts this node's stage on an mx.distributed ring (``mlx-ring``)."""
+    return request.transport == "mlx-ring" and request.stage_count > 1 and not request.experts_only
+
+
 def load_problem(request, loaded) -> str:
     """Why a LoadShard cannot run now ("" if it can)."""
     if loaded is not None:
@@ -229,7 +234,7 @@ def load_problem(request, loaded) -> str:
             return "a stage of a ring of several needs next_address"
     if request.transport not in ("", "grpc", "mlx-ring"):
         return f"unknown transport {request.transport!r} (grpc or mlx-ring)"
-    if request.transport == "mlx-ring" and request.stage_count > 1 and not request.experts_only:
+    if on_ring(request):
         if len(request.ring_hosts) != request.stage_count:
             return (f"the mlx-ring transport needs one ring host per stage: {len(request.ring_hosts)} "
                     f"for {request.stage_count} stages")
