@@ -1,7 +1,12 @@
 """What a stage boundary costs without any network: in one process, decode through one stage
 holding every layer, through two stages chained lazily (no boundary at all), and through two
 stages with the boundary a real stage has (evaluate, copy to host bytes, copy back), all with
-Pomona's own StageModel on the same weights.
+Pomona's own StageModel on the same weights. And what idling costs: a stage of an N-stage ring
+idles while the other N-1 compute, so rows "idle Kx" decode through one stage that sleeps K times
+each token's compute after it (as a stage of K+1 does), counting the compute only: whatever they
+lose over "1 stage" is the machine computing slower after a sleep, not Pomona. Rows "busy Kx"
+wait as long but spin instead of sleeping: if they lose nothing, the loss is the idleness
+itself (a core that sleeps wakes slower), not the time that passed.
 
     .venv/bin/python bench/boundary_bench.py [--models smollm2,tiny] [--new-tokens 24]
 """
@@ -27,8 +32,10 @@ REPEATS = 5
 PROMPT_TOKENS = 64
 
 
-def decode_s(stages, boundary: str, new_tokens: int) -> float:
-    """Seconds per decoded token (greedy) through ``stages`` joined by ``boundary``."""
+def decode_s(stages, boundary: str, new_tokens: int, idle: float = 0.0, spin: bool = False) -> float:
+    """Seconds per decoded token (greedy) through ``stages`` joined by ``boundary``; with
+    ``idle``, a wait of ``idle`` times each token's compute after it, not counted: a sleep, or
+    with ``spin`` a busy loop."""
     caches = [stage.new_caches() for stage in stages]
 
     def step(inputs):
@@ -40,10 +47,19 @@ def decode_s(stages, boundary: str, new_tokens: int) -> float:
         return mx.argmax(stages[-1].logits(hidden)).item()
 
     token = step(mx.array([list(range(1, PROMPT_TOKENS + 1))], dtype=mx.int32))
-    started = time.perf_counter()
+    computing = 0.0
     for _ in range(new_tokens):
+        started = time.perf_counter()
         token = step(mx.array([[token]], dtype=mx.int32))
-    return (time.perf_counter() - started) / new_tokens
+        elapsed = time.perf_counter() - started
+        computing += elapsed
+        if idle and spin:
+            until = time.perf_counter() + idle * elapsed
+            while time.perf_counter() < until:
+                pass
+        elif idle:
+            time.sleep(idle * elapsed)
+    return computing / new_tokens
 
 
 def bench(name: str, path, layers: int, new_tokens: int) -> None:
@@ -51,11 +67,13 @@ def bench(name: str, path, layers: int, new_tokens: int) -> None:
     whole = [load_stage(path, 0, layers, True, True)]
     halves = [load_stage(path, 0, middle, True, False), load_stage(path, middle, layers, False, True)]
     setups = {"1 stage": (whole, "none"), "2 stages, lazy join": (halves, "none"),
-              "2 stages, host boundary": (halves, "host")}  # fmt: skip
+              "2 stages, host boundary": (halves, "host"),
+              "1 stage, idle 1x": (whole, "none", 1.0), "1 stage, idle 2x": (whole, "none", 2.0),
+              "1 stage, busy 2x": (whole, "none", 2.0, True)}  # fmt: skip
     best = {key: float("inf") for key in setups}
     for _ in range(REPEATS):  # interleaved rounds, best of each: this machine drifts
-        for key, (stages, boundary) in setups.items():
-            best[key] = min(best[key], decode_s(stages, boundary, new_tokens))
+        for key, (stages, boundary, *wait) in setups.items():
+            best[key] = min(best[key], decode_s(stages, boundary, new_tokens, *wait))
     base = best["1 stage"]
     print(f"\n== {name}: {layers} layers, split at {middle}; {new_tokens} tokens, best of {REPEATS} ==")
     for key, seconds in best.items():
