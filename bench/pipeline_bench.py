@@ -52,6 +52,9 @@ PROMPT = (
 )
 # Best of this many runs per setup: this shared machine's timings vary by 10-20% run to run.
 REPEATS = 5
+# A second round trip is measured with this pause before each message: about a tiny-model
+# stage's compute, the time a ring's stages wait (idle) between their messages.
+PAUSE_S = 0.002
 # The head is ~20% of SmolLM2's per-token compute (~7 layers' worth): the last stage gets fewer
 # layers so that stages take about equal time.
 LAYOUTS = {
@@ -72,12 +75,16 @@ def single_process(model, prompt_ids: list[int], new_tokens: int) -> tuple[float
     return len(prompt_ids) / (first - started), (new_tokens - 1) / (done - first)
 
 
-def link_round_trip_s(address: str, payload_bytes: int, node_secrets, count: int = 300) -> float:
+def link_round_trip_s(
+    address: str, payload_bytes: int, node_secrets, count: int = 300, pause_s: float = 0.0
+) -> float:
     """Median round trip of one message on a persistent bidirectional gRPC stream, with the data
     plane's own client stack and threading: a sync channel with Pomona's options, messages handed
     to gRPC through a queue-fed iterator (as a link's sender does), replies read on a reader thread
     and handed back through a queue (as the engine receives them). The worker's Ping handler echoes
-    on a server thread, as Forward and Experts run. A failure in the reader fails the run."""
+    on a server thread, as Forward and Experts run. With ``pause_s``, each message leaves that long
+    after the last reply, as a stage's next message leaves after the other stages have computed
+    (both ends idle meanwhile). A failure in the reader fails the run."""
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     failure: list[BaseException] = []
@@ -97,6 +104,8 @@ def link_round_trip_s(address: str, payload_bytes: int, node_secrets, count: int
         message = worker_pb2.PingMessage(payload=b"x" * payload_bytes)
         times = []
         for _ in range(count):
+            if pause_s:
+                time.sleep(pause_s)
             sent = time.perf_counter()
             outbox.put(message)
             if inbox.get(timeout=10) is None:
@@ -141,6 +150,24 @@ def run_threads(targets) -> None:
             raise RuntimeError("a benchmark thread did not finish within 600 s")
     if errors:
         raise RuntimeError(f"a benchmark thread failed: {errors[0]!r}") from errors[0]
+
+
+def stage_compute(cluster) -> dict[str, tuple[float, int]]:
+    """Per stage: (compute seconds, one-row decode steps) so far, as its worker measured them."""
+    return {s.node: (s.decode_busy_s, s.decode_steps) for s in cluster.status().stages}
+
+
+def measured_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, stage compute s per token) of one request; the compute is
+    the stages' own timing of this run's decode steps, summed over the stages."""
+    before = stage_compute(cluster)
+    prefill, decode, _ = cluster_run(cluster, prompt, raw, new_tokens)
+    compute = 0.0
+    for node, (busy_s, steps) in stage_compute(cluster).items():
+        busy_before, steps_before = before.get(node, (0.0, 0))
+        if steps > steps_before:
+            compute += (busy_s - busy_before) / (steps - steps_before)
+    return prefill, decode, compute
 
 
 def cluster_run(cluster, prompt: str, raw: bool, new_tokens: int) -> tuple[float, float, float]:
@@ -210,11 +237,13 @@ def bench_model(
         clusters = start_clusters(stack, work, name, path, LAYOUTS[name], trees)
         message_bytes = stage_message_bytes(model)
         two = clusters["pomona", 2]
-        rtt = link_round_trip_s(two.status().stages[0].address, message_bytes, two.node_secrets())
+        address = two.status().stages[0].address
+        rtt = link_round_trip_s(address, message_bytes, two.node_secrets())
+        paused_rtt = link_round_trip_s(address, message_bytes, two.node_secrets(), 100, PAUSE_S)
         rtts = {"pomona": rtt, "before": rtt, "ring": ring_round_trip_s()}
         # Warm up everything, then take rounds that visit every setup in turn, so that the
         # machine's drifts hit all setups alike; keep each setup's best run.
-        runs: dict[object, list[tuple[float, float]]] = {"mlx-lm": []}
+        runs: dict[object, list[tuple[float, ...]]] = {"mlx-lm": []}
         single_process(model, prompt_ids, 4)
         for key, cluster in clusters.items():
             cluster_run(cluster, prompt, raw, 4)
@@ -222,9 +251,12 @@ def bench_model(
         for _ in range(REPEATS):
             runs["mlx-lm"].append(single_process(model, prompt_ids, new_tokens))
             for key, cluster in clusters.items():
-                runs[key].append(cluster_run(cluster, prompt, raw, new_tokens)[:2])
+                runs[key].append(measured_run(cluster, prompt, raw, new_tokens))
         concurrency = concurrent_ratio(clusters["pomona", 2], prompt, raw, new_tokens)
     best = {key: (max(r[0] for r in v), max(r[1] for r in v)) for key, v in runs.items()}
+    # The stage compute of each cluster's fastest decode run: its token time splits into the
+    # stages' compute and the time between them (wire, threads, the engines' bookkeeping).
+    compute = {key: max(v, key=lambda r: r[1])[2] for key, v in runs.items() if key != "mlx-lm"}
     sp_prefill, sp_decode = best["mlx-lm"]
     print(f"\n== {name}: prompt {len(prompt_ids)} tokens, {new_tokens} new tokens, "
           f"best of {REPEATS} ==")
@@ -247,6 +279,26 @@ def bench_model(
     print(f"raw round trip ({message_bytes} B, the data plane's gRPC stack and threads, loopback): "
           f"{rtt * 1e6:.0f} us; mlx-ring ({FRAME_BYTES} B frame, the ring link's threads): "
           f"{rtts['ring'] * 1e6:.0f} us; a ring of N stages sends N one-way messages per token")
+    print(f"  same, after a {PAUSE_S * 1e3:.0f} ms pause before each message (both ends idle, as "
+          f"between a ring's tokens): {paused_rtt * 1e6:.0f} us")
+    print("where a token's time goes (ms): 'compute' is the stages' own compute (each worker times "
+          "its decode steps), 'between' the rest (wire, threads, the engines' bookkeeping); + is "
+          "over the 1-stage cluster, and the ratio is +between / (N x RTT/2)")
+    print(f"{'setup':<16}{'token':>8}{'compute':>9}{'between':>9}{'+compute':>10}{'+between':>10}"
+          f"{'N x RTT/2':>11}{'ratio':>7}")
+    for label, stages in clusters:
+        token_s = 1 / best[label, stages][1]
+        base = ("pomona" if label == "ring" else label, 1)
+        base_between = 1 / best[base][1] - compute[base]
+        between_s = token_s - compute[label, stages]
+        row = (f"{f'{label} {stages} stage':<16}{token_s * 1e3:>8.2f}{compute[label, stages] * 1e3:>9.2f}"
+               f"{between_s * 1e3:>9.2f}")
+        if stages > 1:
+            budget_s = stages * rtts[label] / 2
+            row += (f"{(compute[label, stages] - compute[base]) * 1e3:>+10.2f}"
+                    f"{(between_s - base_between) * 1e3:>+10.2f}{budget_s * 1e3:>11.2f}"
+                    f"{(between_s - base_between) / budget_s:>7.2f}")
+        print(row)
     print(f"2 concurrent requests on 2 stages: {concurrency:.2f}x one request's throughput")
 
 

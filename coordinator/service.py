@@ -125,6 +125,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     info.active_requests = worker.active_requests
                     info.cache_bytes = worker.cache_bytes
                     info.batch_steps, info.batch_rows = worker.batch_steps, worker.batch_rows
+                    info.decode_steps, info.decode_busy_s = worker.decode_steps, worker.decode_busy_s
                     if worker.decode_steps:
                         info.measured_compute_s = worker.decode_busy_s / worker.decode_steps
             _add_predictions(cluster, name, info)

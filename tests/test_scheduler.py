@@ -209,6 +209,9 @@ def test_status_and_generate_json_carry_the_schedulers_figures(tmp_path, model_d
     assert len(stages) == 2 and status["predicted"]["decode_tok_s"] > 0
     for stage in stages:
         assert stage["predicted_compute_s"] > 0 and stage["measured_compute_s"] > 0
+        # the totals behind the average (benchmarks take differences of them): one step a token
+        assert int(stage["decode_steps"]) == 6
+        assert stage["measured_compute_s"] == pytest.approx(stage["decode_busy_s"] / 6, rel=1e-6)
         assert stage["hop_latency_s"] > 0 and stage["energy_j"] > 0
         assert stage["power_basis"].startswith("estimated (cluster.yaml power")
 

@@ -76,7 +76,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self, include_workers: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis", "cache_bytes", "batch_steps", "batch_rows")
+    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis", "cache_bytes", "batch_steps", "batch_rows", "decode_steps", "decode_busy_s")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,8 @@ class StageInfo(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BUSY_S_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     layer_start: int
@@ -123,7 +125,9 @@ class StageInfo(_message.Message):
     cache_bytes: int
     batch_steps: int
     batch_rows: int
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    decode_steps: int
+    decode_busy_s: float
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_busy_s: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("decode_tok_s", "ttft_s", "throughput_tok_s", "j_per_token", "energy_basis", "bottleneck")
