@@ -90,7 +90,13 @@ class AnthropicAnswer:
         return "end_turn", None
 
     def _usage(self, summary: coordinator_pb2.GenerateSummary) -> dict:
-        result = {"input_tokens": summary.prompt_tokens, "output_tokens": summary.generated_tokens}
+        # As Anthropic counts: input_tokens are those not read from the (prompt) cache.
+        cached = summary.cached_prompt_tokens
+        result = {
+            "input_tokens": summary.prompt_tokens - cached,
+            "cache_read_input_tokens": cached,
+            "output_tokens": summary.generated_tokens,
+        }
         if summary.energy_source:
             result.update(
                 energy_j=summary.energy_j,

@@ -274,7 +274,10 @@ class Cluster:
         infos = {stage.node: self.nodes[stage.node].info for stage in self.placement.stages}
         hostnames = [info.hostname if info else node for node, info in infos.items()]
         micro_batches = micro_batch_count(self.config.generation.micro_batches, hostnames)
-        request = load_request(str(self.model.path), self.placement, addresses, node, micro_batches)
+        request = load_request(
+            str(self.model.path), self.placement, addresses, node, micro_batches,
+            self.config.generation.prompt_cache_tokens,
+        )
         if self._on_ring:
             request.transport = "mlx-ring"
             request.ring_hosts[:] = await asyncio.to_thread(self._ring_hosts)

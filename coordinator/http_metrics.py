@@ -147,6 +147,10 @@ class _ClusterCollector:
         cache = GaugeMetricFamily(
             "pomona_node_kv_cache_bytes", "KV cache bytes held on each node", labels=["node"]
         )
+        kept = GaugeMetricFamily(
+            "pomona_node_prompt_cache_bytes", "Prompt cache bytes (finished requests' caches kept)",
+            labels=["node"],
+        )
         active = GaugeMetricFamily(
             "pomona_node_active_requests", "Requests with caches on each node", labels=["node"]
         )
@@ -179,11 +183,12 @@ class _ClusterCollector:
                 compute.add_metric([stage.node, "predicted"], stage.predicted_compute_s)
             memory.add_metric([stage.node], stage.rss_bytes)
             cache.add_metric([stage.node], stage.cache_bytes)
+            kept.add_metric([stage.node], stage.prompt_cache_bytes)
             active.add_metric([stage.node], stage.active_requests)
             if stage.power_basis:
                 power.add_metric([stage.node, _source(stage.power_basis)], stage.power_w)
                 energy.add_metric([stage.node, _source(stage.power_basis)], stage.energy_j)
-        yield from (compute, memory, cache, active, power, energy, steps, rows, batch)
+        yield from (compute, memory, cache, kept, active, power, energy, steps, rows, batch)
         links = GaugeMetricFamily(
             "pomona_link_latency_seconds",
             "One-way latency of each link, measured at bring-up",

@@ -27,9 +27,11 @@ def load_request(
     addresses: Mapping[str, str],
     node: str,
     micro_batches: int = 0,
+    prompt_cache_tokens: int = 0,
 ) -> worker_pb2.LoadShardRequest:
     """What ``node`` loads: its stage (if any) and the routed experts the placement gives it;
-    the first stage also how many decode micro-batches to keep in flight (0: one per stage)."""
+    the first stage also how many decode micro-batches to keep in flight (0: one per stage) and
+    the prompt cache's budget in tokens (0: none)."""
     experts = placement.experts
     request = worker_pb2.LoadShardRequest(model_path=model_path, node_name=node)
     own_layers: range = range(0)
@@ -46,6 +48,7 @@ def load_request(
         request.stage_index, request.stage_count = index, len(placement.stages)
         if index == 0:
             request.micro_batches = micro_batches
+            request.prompt_cache_tokens = prompt_cache_tokens
     else:
         request.experts_only = True
     for layer in sorted(experts):

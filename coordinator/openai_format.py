@@ -113,6 +113,8 @@ def usage(summary: coordinator_pb2.GenerateSummary) -> dict:
         "prompt_tokens": summary.prompt_tokens,
         "completion_tokens": summary.generated_tokens,
         "total_tokens": summary.prompt_tokens + summary.generated_tokens,
+        # Prompt tokens taken from the prompt cache (not prefilled), as OpenAI reports them.
+        "prompt_tokens_details": {"cached_tokens": summary.cached_prompt_tokens},
     }
     if summary.energy_source:
         result.update(

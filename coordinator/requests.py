@@ -178,6 +178,7 @@ class RequestRouter:
         finish_reason = ""
         pipeline_finished = False  # the last stage ended the request (EOS or max tokens)
         first_token_at = last_token_at = 0.0
+        cached_prompt_tokens = 0  # from the first token's event (after a replay: the replay's)
         # The energy snapshot runs alongside the prompt's way into the pipeline, not before it.
         energy_start = asyncio.ensure_future(self.energy.snapshot()) if self.energy else None
 
@@ -233,6 +234,7 @@ class RequestRouter:
                     continue
                 last_token_at = time.perf_counter()
                 first_token_at = first_token_at or last_token_at
+                cached_prompt_tokens = event.cached_prompt_tokens or cached_prompt_tokens
                 pipeline_finished = bool(event.finish_reason)
                 text = stream.push(event.token_id, final=pipeline_finished)
                 finish_reason = "stop" if stream.stopped else event.finish_reason
@@ -262,6 +264,7 @@ class RequestRouter:
                 energy_source=energy_source,
                 finish_reason=finish_reason,
                 prompt_tokens=len(prompt),
+                cached_prompt_tokens=min(cached_prompt_tokens, len(prompt)),
                 generated_tokens=generated,
                 ttft_s=first_token_at - started,
                 decode_tok_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,

@@ -124,6 +124,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     info.rss_bytes = worker.rss_bytes
                     info.active_requests = worker.active_requests
                     info.cache_bytes = worker.cache_bytes
+                    info.prompt_cache_bytes = worker.prompt_cache_bytes
                     info.batch_steps, info.batch_rows = worker.batch_steps, worker.batch_rows
                     info.decode_steps, info.decode_busy_s = worker.decode_steps, worker.decode_busy_s
                     if worker.decode_steps:

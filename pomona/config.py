@@ -140,6 +140,9 @@ class GenerationDefaults:
     # Decode micro-batches in flight around the ring; None ("auto"): one per machine the stages
     # run on (stages sharing a machine share its cores, so overlapping them gains little).
     micro_batches: int | None = None
+    # The prompt cache: tokens of finished requests' caches kept (at every stage, for its layers)
+    # so that a prompt starting with the same tokens skips their prefill; 0 turns it off.
+    prompt_cache_tokens: int = 8192
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
     generation = GenerationDefaults()
     if root.get("generation") is not None:
         block = reader.block(root, "generation", "")
-        keys = ("max_tokens", "prefill_chunk_tokens", "max_context", "max_batch", "micro_batches")
+        keys = ("max_tokens", "prefill_chunk_tokens", "max_context", "max_batch", "micro_batches",
+                "prompt_cache_tokens")
         reader.keys(block, "generation", keys)
         micro_batches = None
         if block.get("micro_batches", "auto") != "auto":
@@ -274,6 +278,9 @@ def _parse_root(reader: Reader, root: LineMap, file: Path) -> ClusterConfig:
             max_context=reader.integer(block, "max_context", "generation", None, 1),
             max_batch=reader.integer(block, "max_batch", "generation", generation.max_batch, 1, 1024),
             micro_batches=micro_batches,
+            prompt_cache_tokens=reader.integer(
+                block, "prompt_cache_tokens", "generation", generation.prompt_cache_tokens, 0, 2**31 - 1
+            ),
         )
     recovery = root.get("recovery", True)
     if not isinstance(recovery, bool):

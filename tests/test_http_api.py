@@ -276,7 +276,10 @@ def test_anthropic_messages(served):
     assert reply["type"] == "message" and reply["role"] == "assistant"
     assert reply["content"] == [{"type": "text", "text": expected.text}]
     assert reply["stop_reason"] == {"length": "max_tokens", "stop": "end_turn"}[expected.finish_reason]
-    assert reply["usage"]["input_tokens"] == expected.prompt_tokens
+    # The same prompt ran just before: all but its last token come from the prompt cache, which
+    # Anthropic counts apart from input_tokens.
+    assert reply["usage"]["cache_read_input_tokens"] == expected.prompt_tokens - 1
+    assert reply["usage"]["input_tokens"] == 1
     assert reply["usage"]["output_tokens"] == expected.generated_tokens
     assert reply["usage"]["energy_source"].startswith("estimated")
 

@@ -47,6 +47,7 @@ from .batching import DEFAULT_MAX_BATCH, DecodeScheduler, MicroBatch, can_batch,
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
+from .prompt_cache import KeptCaches, PromptIndex, keepable
 from .sampling import Sampler, SamplingConfig, TokenLogprobs, sample_rows
 from .stage import StageModel
 from .validate import (
@@ -76,6 +77,9 @@ class RequestState:
     cancelled: bool = False
     batch: int | None = None  # the decode micro-batch it joined (after its prefill)
     next_input: int = 0  # stage 0: the token its next decode step takes
+    fed: list[int] = field(default_factory=list)  # stage 0: generated tokens fed back so far
+    keep: bool = False  # keep its caches in the prompt cache when it finishes
+    cached_tokens: int = 0  # prompt tokens it took from the prompt cache
 
 
 class ResultHub:
@@ -132,6 +136,9 @@ class StageEngine:
         self._prefill_queued = False
         self.dispatcher = Dispatcher(self.expert_stats)
         self.experts_only = False
+        # The prompt cache: finished requests' caches kept here; stage 0 also indexes them.
+        self.kept = KeptCaches()
+        self.prompt_index: PromptIndex | None = None
         # Held by whichever thread runs MLX: the engine thread for every job, and, on a node that
         # holds experts only, the gRPC handler threads that compute expert requests directly.
         self.mlx_lock = threading.Lock()
@@ -212,7 +219,13 @@ class StageEngine:
             self.scheduler.forget(request_id, state.batch)
 
     def install(
-        self, stage: StageModel | None, index: int, count: int, next_link, micro_batches: int = 0
+        self,
+        stage: StageModel | None,
+        index: int,
+        count: int,
+        next_link,
+        micro_batches: int = 0,
+        prompt_cache_tokens: int = 0,
     ) -> None:
         self.stage, self.stage_index, self.stage_count = stage, index, count
         self.limits = model_limits(stage.model, self.max_message_bytes) if stage is not None else None
@@ -223,6 +236,9 @@ class StageEngine:
         # By default one micro-batch per stage: each stage computes one while the others travel.
         first = stage is not None and index == 0
         self.scheduler = DecodeScheduler(micro_batches or count) if first else None
+        self.kept.clear()
+        caching = first and prompt_cache_tokens > 0 and keepable(stage.adapter.model_caches())
+        self.prompt_index = PromptIndex(prompt_cache_tokens) if caching else None
 
     def on_next_link_broken(self, reason: str) -> None:
         """The next stage is gone: every request here needs it, so fail them all now (engine
@@ -235,12 +251,19 @@ class StageEngine:
         self.batches.clear()
         if self.scheduler is not None:
             self.scheduler.clear()
+        if self.prompt_index is not None:
+            # ends in flight may not have reached every stage: their entries may differ there
+            for entry in list(self.prompt_index.entries):
+                self.prompt_index.evict(entry)
+            self.kept.drop(self.prompt_index.evicted)
 
     def release(self) -> None:
         self.requests.clear()
         self.batches.clear()
         self.scheduler = None
         self.prefilling = []
+        self.kept.clear()
+        self.prompt_index = None
         self.expert_stats.fold_counters()
         with self._claim_lock:
             self._claimed.clear()
@@ -351,17 +374,69 @@ class StageEngine:
             if not state.prompt:
                 raise ValueError("empty prompt")
             self.scheduler.max_batch = max(1, start.max_batch or DEFAULT_MAX_BATCH)
+            self._plan_prompt_cache(start, state.prompt)
+        self._apply_prompt_cache(state, start)
         if not self._is_last:
             onward = worker_pb2.StartRequest()
             onward.CopyFrom(start)
             del onward.prompt_token_ids[:]
             self._forward(worker_pb2.StageMessage(request_id=request_id, start=onward))
         if self.stage_index == 0:
-            if len(state.prompt) == 1:
+            if state.position >= len(state.prompt) - 1:
                 self._join(request_id, state)  # nothing to prefill: the token goes in a decode step
             else:
                 self.prefilling.append(request_id)
                 self._queue_prefill()
+
+    # -- the prompt cache (worker.prompt_cache) ----------------------------------------------------
+
+    def _plan_prompt_cache(self, start: worker_pb2.StartRequest, prompt: list[int]) -> None:
+        """Stage 0: what the request takes from the prompt cache and what the stages drop first,
+        written into its ``start`` (what arrived in those fields is not the coordinator's to say)."""
+        del start.evict[:]
+        start.reuse_entry, start.reuse_tokens, start.keep = "", 0, False
+        if self.prompt_index is None:
+            return
+        entry, count = self.prompt_index.lookup(prompt)
+        kept = self.kept.entries.get(entry)
+        if entry and (kept is None or kept[0].offset < count):  # not what the index says: drop it
+            self.prompt_index.evict(entry)
+            entry, count = "", 0
+        start.evict.extend(self.prompt_index.take_evicted())
+        start.reuse_entry, start.reuse_tokens, start.keep = entry, count, True
+
+    def _apply_prompt_cache(self, state: RequestState, start: worker_pb2.StartRequest) -> None:
+        """Every stage: drop the evicted entries, then start from the reused entry's caches."""
+        self.kept.drop(start.evict)
+        if start.reuse_entry:
+            try:
+                state.caches = self.kept.reuse(start.reuse_entry, start.reuse_tokens)
+            except LookupError as error:
+                problem = f"{error}; the stages' prompt caches disagree (pomona down, then pomona up)"
+                raise BadInput(problem) from None
+            state.position = state.cached_tokens = start.reuse_tokens
+        state.keep = start.keep and keepable(state.caches)
+
+    def _keep(self, request_id: str) -> None:
+        """A request that finished keeps its caches (this stage's layers) in the prompt cache;
+        stage 0 indexes them by the tokens they hold, or tells the stages to drop them (e.g. a
+        request cancelled here while the last stage finished it: kept there, unknown here)."""
+        state = self.requests.get(request_id)
+        held = 0
+        if state is not None and state.keep:
+            caches = state.caches
+            batch = self.batches.get(state.batch) if state.batch is not None else None
+            if caches is None and batch is not None and batch.batched and request_id in batch.ids:
+                row = batch.ids.index(request_id)
+                caches = [cache.extract(row) for cache in batch.caches]
+            held = self.kept.keep(request_id, caches) if caches and keepable(caches) else 0
+        if self.prompt_index is not None:
+            tokens = (state.prompt + state.fed)[:held] if state is not None else []
+            if held and len(tokens) == held:
+                self.prompt_index.add(request_id, tokens)
+            else:
+                self.prompt_index.evict(request_id)
+            self.kept.drop(self.prompt_index.evicted)  # here now; the other stages at the next start
 
     # -- prefill ---------------------------------------------------------------------------------
     #
@@ -623,7 +698,10 @@ class StageEngine:
         if not self.scheduler.tokens_back(message.batch, message.step, [r for r, _ in going]):
             return  # a step whose rows all ended meanwhile: its micro-batch went on without it
         for request_id, token in going:
-            self.requests[request_id].next_input = token
+            state = self.requests[request_id]
+            state.next_input = token
+            if state.keep:
+                state.fed.append(token)
         # The next step starts after this job (``_kick_idle``), with the requests that joined.
 
     def _token_event(
@@ -631,6 +709,7 @@ class StageEngine:
     ) -> worker_pb2.TokenEvent:
         """A sampled token's event for the coordinator; a request that ends with it ends here."""
         state.generated += 1
+        cached = state.cached_tokens if state.generated == 1 else 0
         if token in state.eos_token_ids:
             finish = "stop"
         elif state.generated >= state.max_tokens:
@@ -638,26 +717,32 @@ class StageEngine:
         else:
             finish = ""
         if finish:
-            self._end(request_id, origin=self.stage_index)
-        event = worker_pb2.TokenEvent(request_id=request_id, token_id=token, finish_reason=finish)
+            self._end(request_id, origin=self.stage_index, finished=True)
+        event = worker_pb2.TokenEvent(
+            request_id=request_id, token_id=token, finish_reason=finish, cached_prompt_tokens=cached
+        )
         if logprobs is not None:
             event.logprobs.logprob = logprobs.logprob
             event.logprobs.top_token_ids.extend(token_id for token_id, _ in logprobs.top)
             event.logprobs.top_logprobs.extend(value for _, value in logprobs.top)
         return event
 
-    def _end(self, request_id: str, origin: int) -> None:
+    def _end(self, request_id: str, origin: int, finished: bool = False) -> None:
+        """The request ends here and its ``end`` goes on around the ring; one that ``finished``
+        (EOS or max tokens) keeps its caches in the prompt cache first."""
+        if finished:
+            self._keep(request_id)
         self._forget(request_id)
         next_index = (self.stage_index + 1) % self.stage_count
         if next_index != origin:
-            end = worker_pb2.EndRequest(origin=origin)
+            end = worker_pb2.EndRequest(origin=origin, finished=finished)
             try:
                 self._forward(worker_pb2.StageMessage(request_id=request_id, end=end))
             except LinkBroken:
                 pass  # the next stage is gone, and with it the request's caches there
 
     def _on_end(self, request_id: str, end: worker_pb2.EndRequest) -> None:
-        self._end(request_id, end.origin)
+        self._end(request_id, end.origin, end.finished)
 
     def _on_cancel(self, request_id: str, cancel: worker_pb2.CancelRequest) -> None:
         state = self.requests.get(request_id)

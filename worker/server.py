@@ -152,7 +152,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 report(1.0, f"experts of layers {sorted(hosted)} loaded")
             next_link = None if request.experts_only else self._connect(request)
             engine.install(
-                stage, request.stage_index, request.stage_count, next_link, request.micro_batches
+                stage, request.stage_index, request.stage_count, next_link, request.micro_batches,
+                request.prompt_cache_tokens,
             )
             return engine.parameter_bytes()
 
@@ -216,6 +217,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 parameter_bytes=self.engine.parameter_bytes(),
                 rss_bytes=psutil.Process().memory_info().rss,
                 cache_bytes=self.engine.cache_bytes(),
+                prompt_cache_bytes=self.engine.kept.nbytes,
                 model_path=self._loaded.model_path if self._loaded else "",
             )
 

@@ -84,6 +84,9 @@ def check_token(token_id: int, limits: ModelLimits, what: str = "token id") -> N
         raise BadInput(f"{what} {token_id} is outside the vocabulary (0 to {limits.vocab_size - 1})")
 
 
+MAX_EVICTED_ENTRIES = 65536  # prompt cache entries one start may evict
+
+
 def check_start(start, limits: ModelLimits, is_first: bool) -> None:
     """A StartRequest: prompt (first stage), sampling, stop ids, chunk size."""
     if is_first:
@@ -106,6 +109,15 @@ def check_start(start, limits: ModelLimits, is_first: bool) -> None:
                        f"cap), got {start.prefill_chunk_tokens}")
     if not 0 <= start.max_batch <= MAX_BATCH_ROWS:
         raise BadInput(f"max_batch must be between 1 and {MAX_BATCH_ROWS}, got {start.max_batch}")
+    if start.reuse_tokens < 0 or bool(start.reuse_tokens) != bool(start.reuse_entry):
+        raise BadInput("a start reuses a prompt cache entry with a positive token count, or none: got "
+                       f"entry {start.reuse_entry[:40]!r} with {start.reuse_tokens} tokens")
+    if len(start.evict) > MAX_EVICTED_ENTRIES:
+        raise BadInput(f"a start evicts at most {MAX_EVICTED_ENTRIES} prompt cache entries, "
+                       f"got {len(start.evict)}")
+    entries = [*start.evict, *([start.reuse_entry] if start.reuse_entry else [])]
+    if bad := next((entry for entry in entries if not REQUEST_ID.fullmatch(entry)), None):
+        raise BadInput(f"prompt cache entry {bad[:40]!r} is not a request id")
     sampling = start.sampling
     if _finite("temperature", sampling.temperature) < 0:
         raise BadInput(f"temperature must be >= 0, got {sampling.temperature}")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pomona.proto import worker_pb2 as pomona_dot_proto_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epomona/proto/coordinator.proto\x12\tpomona.v1\x1a\x19pomona/proto/worker.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pomona.v1.ChatMessage\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pomona.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\x89\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.pomona.v1.GenerateSummary\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pomona.v1.TokenLogprobs\"\xde\x01\n\x0fGenerateSummary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x05 \x01(\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x10\n\x08\x65nergy_j\x18\x08 \x01(\x01\x12\x13\n\x0bj_per_token\x18\t \x01(\x01\x12\x15\n\renergy_source\x18\n \x01(\t\"/\n\x14\x43lusterStatusRequest\x12\x17\n\x0finclude_workers\x18\x01 \x01(\x08\"\x98\x04\n\tStageInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\x07 \x01(\x03\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\n \x01(\x05\x12\r\n\x05state\x18\x0b \x01(\t\x12\x15\n\rload_fraction\x18\x0c \x01(\x02\x12\x14\n\x0c\x65xperts_only\x18\r \x01(\x08\x12\x1b\n\x13predicted_compute_s\x18\x0e \x01(\x01\x12\x1a\n\x12measured_compute_s\x18\x0f \x01(\x01\x12\x15\n\rhop_latency_s\x18\x10 \x01(\x01\x12\x11\n\tnext_node\x18\x11 \x01(\t\x12\x0f\n\x07power_w\x18\x12 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x13 \x01(\x01\x12\x13\n\x0bpower_basis\x18\x14 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x15 \x01(\x03\x12\x13\n\x0b\x62\x61tch_steps\x18\x16 \x01(\x03\x12\x12\n\nbatch_rows\x18\x17 \x01(\x03\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x18 \x01(\x03\x12\x15\n\rdecode_busy_s\x18\x19 \x01(\x01\"\x8b\x01\n\nPrediction\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x18\n\x10throughput_tok_s\x18\x03 \x01(\x01\x12\x13\n\x0bj_per_token\x18\x04 \x01(\x01\x12\x14\n\x0c\x65nergy_basis\x18\x05 \x01(\t\x12\x12\n\nbottleneck\x18\x06 \x01(\t\"|\n\x0ePlanOptionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06stages\x18\x02 \x03(\x0b\x32\x14.pomona.v1.StageInfo\x12(\n\tpredicted\x18\x03 \x01(\x0b\x32\x15.pomona.v1.Prediction\x12\x0c\n\x04note\x18\x04 \x01(\t\"+\n\x0bLeftOutNode\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x0f\x45xpertGroupInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x12\n\nexpert_ids\x18\x03 \x03(\x05\"\xe3\x03\n\rClusterStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12$\n\x06stages\x18\x06 \x03(\x0b\x32\x14.pomona.v1.StageInfo\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x31\n\rexpert_groups\x18\t \x03(\x0b\x32\x1a.pomona.v1.ExpertGroupInfo\x12\x11\n\tobjective\x18\n \x01(\t\x12(\n\tpredicted\x18\x0b \x01(\x0b\x32\x15.pomona.v1.Prediction\x12(\n\x08left_out\x18\x0c \x03(\x0b\x32\x16.pomona.v1.LeftOutNode\x12,\n\tbaselines\x18\r \x03(\x0b\x32\x19.pomona.v1.PlanOptionInfo\x12\x10\n\x08\x65nergy_j\x18\x0e \x01(\x01\x12\x14\n\x0c\x65nergy_basis\x18\x0f \x01(\t\x12\x11\n\tplan_note\x18\x10 \x01(\t\x12\x13\n\x0b\x65xpert_load\x18\x11 \x01(\t\x12\x13\n\x0bpower_notes\x18\x12 \x03(\t\"\x12\n\x10\x45xpertStatsQuery\"K\n\x0fNodeExpertStats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x1b.pomona.v1.ExpertStatsReply\"?\n\x12\x43lusterExpertStats\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.pomona.v1.NodeExpertStats\"\x14\n\x12StopClusterRequest\"\x12\n\x10StopClusterReply2\xb2\x02\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x46\n\tGetStatus\x12\x1f.pomona.v1.ClusterStatusRequest\x1a\x18.pomona.v1.ClusterStatus\x12L\n\x0eGetExpertStats\x12\x1b.pomona.v1.ExpertStatsQuery\x1a\x1d.pomona.v1.ClusterExpertStats\x12I\n\x0bStopCluster\x12\x1d.pomona.v1.StopClusterRequest\x1a\x1b.pomona.v1.StopClusterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epomona/proto/coordinator.proto\x12\tpomona.v1\x1a\x19pomona/proto/worker.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xbb\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pomona.v1.ChatMessage\x12\x0b\n\x03raw\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.pomona.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"\x89\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x07summary\x18\x03 \x01(\x0b\x32\x1a.pomona.v1.GenerateSummary\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pomona.v1.TokenLogprobs\"\xfc\x01\n\x0fGenerateSummary\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x04 \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x05 \x01(\x01\x12\x11\n\ttoken_ids\x18\x06 \x03(\x05\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x10\n\x08\x65nergy_j\x18\x08 \x01(\x01\x12\x13\n\x0bj_per_token\x18\t \x01(\x01\x12\x15\n\renergy_source\x18\n \x01(\t\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\x05\"/\n\x14\x43lusterStatusRequest\x12\x17\n\x0finclude_workers\x18\x01 \x01(\x08\"\xb4\x04\n\tStageInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\x07 \x01(\x03\x12\x11\n\trss_bytes\x18\x08 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\t \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\n \x01(\x05\x12\r\n\x05state\x18\x0b \x01(\t\x12\x15\n\rload_fraction\x18\x0c \x01(\x02\x12\x14\n\x0c\x65xperts_only\x18\r \x01(\x08\x12\x1b\n\x13predicted_compute_s\x18\x0e \x01(\x01\x12\x1a\n\x12measured_compute_s\x18\x0f \x01(\x01\x12\x15\n\rhop_latency_s\x18\x10 \x01(\x01\x12\x11\n\tnext_node\x18\x11 \x01(\t\x12\x0f\n\x07power_w\x18\x12 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x13 \x01(\x01\x12\x13\n\x0bpower_basis\x18\x14 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x15 \x01(\x03\x12\x13\n\x0b\x62\x61tch_steps\x18\x16 \x01(\x03\x12\x12\n\nbatch_rows\x18\x17 \x01(\x03\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x18 \x01(\x03\x12\x15\n\rdecode_busy_s\x18\x19 \x01(\x01\x12\x1a\n\x12prompt_cache_bytes\x18\x1a \x01(\x03\"\x8b\x01\n\nPrediction\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x18\n\x10throughput_tok_s\x18\x03 \x01(\x01\x12\x13\n\x0bj_per_token\x18\x04 \x01(\x01\x12\x14\n\x0c\x65nergy_basis\x18\x05 \x01(\t\x12\x12\n\nbottleneck\x18\x06 \x01(\t\"|\n\x0ePlanOptionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06stages\x18\x02 \x03(\x0b\x32\x14.pomona.v1.StageInfo\x12(\n\tpredicted\x18\x03 \x01(\x0b\x32\x15.pomona.v1.Prediction\x12\x0c\n\x04note\x18\x04 \x01(\t\"+\n\x0bLeftOutNode\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x0f\x45xpertGroupInfo\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x12\n\nexpert_ids\x18\x03 \x03(\x05\"\xe3\x03\n\rClusterStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12$\n\x06stages\x18\x06 \x03(\x0b\x32\x14.pomona.v1.StageInfo\x12\x17\n\x0f\x61\x63tive_requests\x18\x07 \x01(\x05\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x31\n\rexpert_groups\x18\t \x03(\x0b\x32\x1a.pomona.v1.ExpertGroupInfo\x12\x11\n\tobjective\x18\n \x01(\t\x12(\n\tpredicted\x18\x0b \x01(\x0b\x32\x15.pomona.v1.Prediction\x12(\n\x08left_out\x18\x0c \x03(\x0b\x32\x16.pomona.v1.LeftOutNode\x12,\n\tbaselines\x18\r \x03(\x0b\x32\x19.pomona.v1.PlanOptionInfo\x12\x10\n\x08\x65nergy_j\x18\x0e \x01(\x01\x12\x14\n\x0c\x65nergy_basis\x18\x0f \x01(\t\x12\x11\n\tplan_note\x18\x10 \x01(\t\x12\x13\n\x0b\x65xpert_load\x18\x11 \x01(\t\x12\x13\n\x0bpower_notes\x18\x12 \x03(\t\"\x12\n\x10\x45xpertStatsQuery\"K\n\x0fNodeExpertStats\x12\x0c\n\x04node\x18\x01 \x01(\t\x12*\n\x05stats\x18\x02 \x01(\x0b\x32\x1b.pomona.v1.ExpertStatsReply\"?\n\x12\x43lusterExpertStats\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.pomona.v1.NodeExpertStats\"\x14\n\x12StopClusterRequest\"\x12\n\x10StopClusterReply2\xb2\x02\n\x0b\x43oordinator\x12\x42\n\x08Generate\x12\x1a.pomona.v1.GenerateRequest\x1a\x18.pomona.v1.GenerateChunk0\x01\x12\x46\n\tGetStatus\x12\x1f.pomona.v1.ClusterStatusRequest\x1a\x18.pomona.v1.ClusterStatus\x12L\n\x0eGetExpertStats\x12\x1b.pomona.v1.ExpertStatsQuery\x1a\x1d.pomona.v1.ClusterExpertStats\x12I\n\x0bStopCluster\x12\x1d.pomona.v1.StopClusterRequest\x1a\x1b.pomona.v1.StopClusterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATECHUNK']._serialized_start=309
   _globals['_GENERATECHUNK']._serialized_end=446
   _globals['_GENERATESUMMARY']._serialized_start=449
-  _globals['_GENERATESUMMARY']._serialized_end=671
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=673
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=720
-  _globals['_STAGEINFO']._serialized_start=723
-  _globals['_STAGEINFO']._serialized_end=1259
-  _globals['_PREDICTION']._serialized_start=1262
-  _globals['_PREDICTION']._serialized_end=1401
-  _globals['_PLANOPTIONINFO']._serialized_start=1403
-  _globals['_PLANOPTIONINFO']._serialized_end=1527
-  _globals['_LEFTOUTNODE']._serialized_start=1529
-  _globals['_LEFTOUTNODE']._serialized_end=1572
-  _globals['_EXPERTGROUPINFO']._serialized_start=1574
-  _globals['_EXPERTGROUPINFO']._serialized_end=1640
-  _globals['_CLUSTERSTATUS']._serialized_start=1643
-  _globals['_CLUSTERSTATUS']._serialized_end=2126
-  _globals['_EXPERTSTATSQUERY']._serialized_start=2128
-  _globals['_EXPERTSTATSQUERY']._serialized_end=2146
-  _globals['_NODEEXPERTSTATS']._serialized_start=2148
-  _globals['_NODEEXPERTSTATS']._serialized_end=2223
-  _globals['_CLUSTEREXPERTSTATS']._serialized_start=2225
-  _globals['_CLUSTEREXPERTSTATS']._serialized_end=2288
-  _globals['_STOPCLUSTERREQUEST']._serialized_start=2290
-  _globals['_STOPCLUSTERREQUEST']._serialized_end=2310
-  _globals['_STOPCLUSTERREPLY']._serialized_start=2312
-  _globals['_STOPCLUSTERREPLY']._serialized_end=2330
-  _globals['_COORDINATOR']._serialized_start=2333
-  _globals['_COORDINATOR']._serialized_end=2639
+  _globals['_GENERATESUMMARY']._serialized_end=701
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=703
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=750
+  _globals['_STAGEINFO']._serialized_start=753
+  _globals['_STAGEINFO']._serialized_end=1317
+  _globals['_PREDICTION']._serialized_start=1320
+  _globals['_PREDICTION']._serialized_end=1459
+  _globals['_PLANOPTIONINFO']._serialized_start=1461
+  _globals['_PLANOPTIONINFO']._serialized_end=1585
+  _globals['_LEFTOUTNODE']._serialized_start=1587
+  _globals['_LEFTOUTNODE']._serialized_end=1630
+  _globals['_EXPERTGROUPINFO']._serialized_start=1632
+  _globals['_EXPERTGROUPINFO']._serialized_end=1698
+  _globals['_CLUSTERSTATUS']._serialized_start=1701
+  _globals['_CLUSTERSTATUS']._serialized_end=2184
+  _globals['_EXPERTSTATSQUERY']._serialized_start=2186
+  _globals['_EXPERTSTATSQUERY']._serialized_end=2204
+  _globals['_NODEEXPERTSTATS']._serialized_start=2206
+  _globals['_NODEEXPERTSTATS']._serialized_end=2281
+  _globals['_CLUSTEREXPERTSTATS']._serialized_start=2283
+  _globals['_CLUSTEREXPERTSTATS']._serialized_end=2346
+  _globals['_STOPCLUSTERREQUEST']._serialized_start=2348
+  _globals['_STOPCLUSTERREQUEST']._serialized_end=2368
+  _globals['_STOPCLUSTERREPLY']._serialized_start=2370
+  _globals['_STOPCLUSTERREPLY']._serialized_end=2388
+  _globals['_COORDINATOR']._serialized_start=2391
+  _globals['_COORDINATOR']._serialized_end=2697
 # @@protoc_insertion_point(module_scope)

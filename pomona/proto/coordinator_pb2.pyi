@@ -46,7 +46,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[_worker_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "decode_tok_s", "token_ids", "text", "energy_j", "j_per_token", "energy_source")
+    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "ttft_s", "decode_tok_s", "token_ids", "text", "energy_j", "j_per_token", "energy_source", "cached_prompt_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class GenerateSummary(_message.Message):
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     J_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
@@ -67,7 +68,8 @@ class GenerateSummary(_message.Message):
     energy_j: float
     j_per_token: float
     energy_source: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., energy_j: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., energy_j: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ("include_workers",)
@@ -76,7 +78,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self, include_workers: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis", "cache_bytes", "batch_steps", "batch_rows", "decode_steps", "decode_busy_s")
+    __slots__ = ("node", "address", "layer_start", "layer_end", "is_first", "is_last", "parameter_bytes", "rss_bytes", "memory_total_bytes", "active_requests", "state", "load_fraction", "experts_only", "predicted_compute_s", "measured_compute_s", "hop_latency_s", "next_node", "power_w", "energy_j", "power_basis", "cache_bytes", "batch_steps", "batch_rows", "decode_steps", "decode_busy_s", "prompt_cache_bytes")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,7 @@ class StageInfo(_message.Message):
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_BUSY_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     layer_start: int
@@ -127,7 +130,8 @@ class StageInfo(_message.Message):
     batch_rows: int
     decode_steps: int
     decode_busy_s: float
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_busy_s: _Optional[float] = ...) -> None: ...
+    prompt_cache_bytes: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., active_requests: _Optional[int] = ..., state: _Optional[str] = ..., load_fraction: _Optional[float] = ..., experts_only: _Optional[bool] = ..., predicted_compute_s: _Optional[float] = ..., measured_compute_s: _Optional[float] = ..., hop_latency_s: _Optional[float] = ..., next_node: _Optional[str] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., power_basis: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ..., decode_steps: _Optional[int] = ..., decode_busy_s: _Optional[float] = ..., prompt_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("decode_tok_s", "ttft_s", "throughput_tok_s", "j_per_token", "energy_basis", "bottleneck")

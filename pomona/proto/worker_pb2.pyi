@@ -165,7 +165,7 @@ class MeasureLinksReply(_message.Message):
     def __init__(self, links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node", "micro_batches", "transport", "ring_hosts")
+    __slots__ = ("model_path", "layer_start", "layer_end", "is_first", "is_last", "next_address", "stage_index", "stage_count", "node_name", "experts", "remote_experts", "experts_only", "next_node", "micro_batches", "transport", "ring_hosts", "prompt_cache_tokens")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class LoadShardRequest(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     RING_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -198,7 +199,8 @@ class LoadShardRequest(_message.Message):
     micro_batches: int
     transport: str
     ring_hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ..., micro_batches: _Optional[int] = ..., transport: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    prompt_cache_tokens: int
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., next_address: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage_count: _Optional[int] = ..., node_name: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., remote_experts: _Optional[_Iterable[_Union[RemoteExperts, _Mapping]]] = ..., experts_only: _Optional[bool] = ..., next_node: _Optional[str] = ..., micro_batches: _Optional[int] = ..., transport: _Optional[str] = ..., ring_hosts: _Optional[_Iterable[str]] = ..., prompt_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class ExpertGroup(_message.Message):
     __slots__ = ("layer", "expert_ids")
@@ -243,7 +245,7 @@ class StatusRequest(_message.Message):
     def __init__(self, counters_only: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter", "batch_steps", "batch_rows")
+    __slots__ = ("loaded", "layer_start", "layer_end", "is_first", "is_last", "active_requests", "parameter_bytes", "rss_bytes", "cache_bytes", "model_path", "busy_s", "decode_busy_s", "decode_steps", "energy_measured", "energy_j", "power_meter", "batch_steps", "batch_rows", "prompt_cache_bytes")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +264,7 @@ class WorkerStatus(_message.Message):
     POWER_METER_FIELD_NUMBER: _ClassVar[int]
     BATCH_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     loaded: bool
     layer_start: int
     layer_end: int
@@ -280,7 +283,8 @@ class WorkerStatus(_message.Message):
     power_meter: str
     batch_steps: int
     batch_rows: int
-    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., busy_s: _Optional[float] = ..., decode_busy_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., energy_measured: _Optional[bool] = ..., energy_j: _Optional[float] = ..., power_meter: _Optional[str] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    prompt_cache_bytes: int
+    def __init__(self, loaded: _Optional[bool] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., active_requests: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., busy_s: _Optional[float] = ..., decode_busy_s: _Optional[float] = ..., decode_steps: _Optional[int] = ..., energy_measured: _Optional[bool] = ..., energy_j: _Optional[float] = ..., power_meter: _Optional[str] = ..., batch_steps: _Optional[int] = ..., batch_rows: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ()
@@ -299,7 +303,7 @@ class ShutdownReply(_message.Message):
     def __init__(self) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens", "generated_before", "max_batch")
+    __slots__ = ("prompt_token_ids", "sampling", "max_tokens", "eos_token_ids", "prefill_chunk_tokens", "generated_before", "max_batch", "evict", "reuse_entry", "reuse_tokens", "keep")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +311,10 @@ class StartRequest(_message.Message):
     PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    REUSE_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    REUSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     max_tokens: int
@@ -314,7 +322,11 @@ class StartRequest(_message.Message):
     prefill_chunk_tokens: int
     generated_before: int
     max_batch: int
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ..., generated_before: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    evict: _containers.RepeatedScalarFieldContainer[str]
+    reuse_entry: str
+    reuse_tokens: int
+    keep: bool
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefill_chunk_tokens: _Optional[int] = ..., generated_before: _Optional[int] = ..., max_batch: _Optional[int] = ..., evict: _Optional[_Iterable[str]] = ..., reuse_entry: _Optional[str] = ..., reuse_tokens: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class Activations(_message.Message):
     __slots__ = ("hidden",)
@@ -357,10 +369,12 @@ class DecodeTokens(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndRequest(_message.Message):
-    __slots__ = ("origin",)
+    __slots__ = ("origin", "finished")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     origin: int
-    def __init__(self, origin: _Optional[int] = ...) -> None: ...
+    finished: bool
+    def __init__(self, origin: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ()
@@ -475,15 +489,17 @@ class TokenEvents(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "token_id", "finish_reason", "error", "logprobs")
+    __slots__ = ("request_id", "token_id", "finish_reason", "error", "logprobs", "cached_prompt_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_id: int
     finish_reason: str
     error: str
     logprobs: TokenLogprobs
-    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...

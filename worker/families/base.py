@@ -271,6 +271,11 @@ class StageAdapter:
         """A fresh cache of the kind the family's ``make_cache`` gives layer ``layer_index``."""
         return copy.deepcopy(self._cache_prototypes[layer_index])
 
+    def model_caches(self) -> list:
+        """Fresh caches for every layer of the model (also those outside this stage): what the
+        family keeps where, e.g. to tell whether the whole ring can keep prompts."""
+        return [self.make_cache(i) for i in range(self.num_layers)]
+
     def masks(self, hidden: mx.array, layer_indices: list[int], caches: list) -> list:
         """One attention mask per local layer: one per cache kind, from this stage's first cache
         of that kind (a sliding-window layer's window is its rotating cache's size)."""
