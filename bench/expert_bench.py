@@ -106,8 +106,8 @@ def main() -> None:
                         running_cluster(work / f"c{i}", path, nodes, stages, experts)
                     )
             message_bytes = dispatch_message_bytes(model)
-            expert_node = clusters["1 stage + 1 EP"].status().stages[1].address
-            rtt = link_round_trip_s(expert_node, message_bytes)
+            one_ep = clusters["1 stage + 1 EP"]
+            rtt = link_round_trip_s(one_ep.status().stages[1].address, message_bytes, one_ep.node_secrets())
             runs: dict[str, list] = {"mlx-lm": [], **{name: [] for name in setups}}
             single_process(model, prompt_ids, 4)
             for cluster in clusters.values():
