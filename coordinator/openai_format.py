@@ -67,6 +67,8 @@ def _common(
         max_tokens=max_new_tokens(body, token_names, max_tokens_limit),
         sampling=sampling(body, temperature_max=2.0, logprobs=logprobs, top_logprobs=top_logprobs),
         stop=list(stop),
+        # vLLM's extra parameter: generate past the end-of-sequence token (benchmarks use it)
+        ignore_eos=boolean(body, "ignore_eos"),
     )
     return ParsedRequest(
         request, model, stream, boolean(options, "include_usage"), logprobs, top_logprobs, stop

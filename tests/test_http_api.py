@@ -121,6 +121,20 @@ def test_completions_match_grpc_raw(served):
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
 
+def test_ignore_eos_generates_past_the_end_of_sequence(served):
+    cluster, url, client, model, _ = served
+    prompt = "the red"  # greedy on this checkpoint: end of sequence as its 6th token
+    ends = cluster.generate(prompt, raw=True, max_tokens=12, ignore_eos=False)
+    assert ends.finish_reason == "stop" and ends.generated_tokens < 12
+    reply = client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 12
+    assert reply.choices[0].text == cluster.generate(prompt, raw=True, max_tokens=12, ignore_eos=True).text
+    status, _, body = post_json(f"{url}/v1/completions", {"model": model, "prompt": "x", "ignore_eos": "yes"})
+    assert status == 400 and "ignore_eos" in body["error"]["message"], body
+
+
 def test_stop_list_cuts_and_never_leaks(served):
     cluster, url, client, model, _ = served
     full = cluster.generate(PROMPT, raw=True, max_tokens=24, ignore_eos=True).text
