@@ -171,18 +171,19 @@ def test_entries_stage_0_does_not_know_or_may_have_lost_are_dropped_everywhere(m
     prompt = list(range(3, 20))
     assert _run(first, events, "r1", prompt)[0].cached_prompt_tokens == 0
     # (read on the engines' threads: after the messages already queued there)
-    assert "r1" in first.call(lambda: dict(first.prompt_index.entries)).result(10)
-    assert "r1" in last.call(lambda: dict(last.kept.entries)).result(10)
-    ghost = last.call(lambda: last.kept.reuse("r1", 5)).result(10)
-    last.call(lambda: last.kept.keep("ghost", ghost)).result(10)
+    assert "r1" in first.call(lambda: dict(first.prompt_cache.index.entries)).result(10)
+    assert "r1" in last.call(lambda: dict(last.prompt_cache.kept.entries)).result(10)
+    ghost = last.call(lambda: last.prompt_cache.kept.reuse("r1", 5)).result(10)
+    last.call(lambda: last.prompt_cache.kept.keep("ghost", ghost)).result(10)
     end = worker_pb2.EndRequest(origin=1, finished=True)  # the last stage finished "ghost"
     first.submit(worker_pb2.StageMessage(request_id="ghost", end=end))
     assert _run(first, events, "r2", prompt)[0].cached_prompt_tokens == len(prompt) - 1
-    assert set(last.call(lambda: dict(last.kept.entries)).result(10)) == {"r1", "r2"}
+    assert set(last.call(lambda: dict(last.prompt_cache.kept.entries)).result(10)) == {"r1", "r2"}
 
     first.call(lambda: first.on_next_link_broken("next stage 'b' is unreachable")).result(10)
-    assert first.call(lambda: (dict(first.prompt_index.entries), first.kept.entries)).result(10) == ({}, {})
+    cache = first.prompt_cache
+    assert first.call(lambda: (dict(cache.index.entries), cache.kept.entries)).result(10) == ({}, {})
     assert _run(first, events, "r3", prompt)[0].cached_prompt_tokens == 0
-    assert set(last.call(lambda: dict(last.kept.entries)).result(10)) == {"r3"}
+    assert set(last.call(lambda: dict(last.prompt_cache.kept.entries)).result(10)) == {"r3"}
     for engine in (first, last):
         engine.call(engine.release).result(10)

@@ -47,7 +47,7 @@ from .batching import DEFAULT_MAX_BATCH, DecodeScheduler, MicroBatch, can_batch,
 from .dispatch import Dispatcher
 from .experts import ExpertStats
 from .link import Link, LinkBroken
-from .prompt_cache import KeptCaches, PromptIndex, keepable
+from .prompt_cache import StagePromptCache, keepable
 from .sampling import Sampler, SamplingConfig, TokenLogprobs, sample_rows
 from .stage import StageModel
 from .validate import (
@@ -136,9 +136,8 @@ class StageEngine:
         self._prefill_queued = False
         self.dispatcher = Dispatcher(self.expert_stats)
         self.experts_only = False
-        # The prompt cache: finished requests' caches kept here; stage 0 also indexes them.
-        self.kept = KeptCaches()
-        self.prompt_index: PromptIndex | None = None
+        # The prompt cache: finished requests' caches kept here; stage 0 also decides.
+        self.prompt_cache = StagePromptCache()
         # Held by whichever thread runs MLX: the engine thread for every job, and, on a node that
         # holds experts only, the gRPC handler threads that compute expert requests directly.
         self.mlx_lock = threading.Lock()
@@ -236,9 +235,10 @@ class StageEngine:
         # By default one micro-batch per stage: each stage computes one while the others travel.
         first = stage is not None and index == 0
         self.scheduler = DecodeScheduler(micro_batches or count) if first else None
-        self.kept.clear()
-        caching = first and prompt_cache_tokens > 0 and keepable(stage.adapter.model_caches())
-        self.prompt_index = PromptIndex(prompt_cache_tokens) if caching else None
+        if first:
+            self.prompt_cache.reset(prompt_cache_tokens, stage.adapter.model_caches())
+        else:
+            self.prompt_cache.reset()
 
     def on_next_link_broken(self, reason: str) -> None:
         """The next stage is gone: every request here needs it, so fail them all now (engine
@@ -251,19 +251,14 @@ class StageEngine:
         self.batches.clear()
         if self.scheduler is not None:
             self.scheduler.clear()
-        if self.prompt_index is not None:
-            # ends in flight may not have reached every stage: their entries may differ there
-            for entry in list(self.prompt_index.entries):
-                self.prompt_index.evict(entry)
-            self.kept.drop(self.prompt_index.evicted)
+        self.prompt_cache.forget_all()
 
     def release(self) -> None:
         self.requests.clear()
         self.batches.clear()
         self.scheduler = None
         self.prefilling = []
-        self.kept.clear()
-        self.prompt_index = None
+        self.prompt_cache.reset()
         self.expert_stats.fold_counters()
         with self._claim_lock:
             self._claimed.clear()
@@ -374,7 +369,7 @@ class StageEngine:
             if not state.prompt:
                 raise ValueError("empty prompt")
             self.scheduler.max_batch = max(1, start.max_batch or DEFAULT_MAX_BATCH)
-            self._plan_prompt_cache(start, state.prompt)
+            self.prompt_cache.plan(start, state.prompt)
         self._apply_prompt_cache(state, start)
         if not self._is_last:
             onward = worker_pb2.StartRequest()
@@ -390,30 +385,15 @@ class StageEngine:
 
     # -- the prompt cache (worker.prompt_cache) ----------------------------------------------------
 
-    def _plan_prompt_cache(self, start: worker_pb2.StartRequest, prompt: list[int]) -> None:
-        """Stage 0: what the request takes from the prompt cache and what the stages drop first,
-        written into its ``start`` (what arrived in those fields is not the coordinator's to say)."""
-        del start.evict[:]
-        start.reuse_entry, start.reuse_tokens, start.keep = "", 0, False
-        if self.prompt_index is None:
-            return
-        entry, count = self.prompt_index.lookup(prompt)
-        kept = self.kept.entries.get(entry)
-        if entry and (kept is None or kept[0].offset < count):  # not what the index says: drop it
-            self.prompt_index.evict(entry)
-            entry, count = "", 0
-        start.evict.extend(self.prompt_index.take_evicted())
-        start.reuse_entry, start.reuse_tokens, start.keep = entry, count, True
-
     def _apply_prompt_cache(self, state: RequestState, start: worker_pb2.StartRequest) -> None:
         """Every stage: drop the evicted entries, then start from the reused entry's caches."""
-        self.kept.drop(start.evict)
-        if start.reuse_entry:
-            try:
-                state.caches = self.kept.reuse(start.reuse_entry, start.reuse_tokens)
-            except LookupError as error:
-                problem = f"{error}; the stages' prompt caches disagree (pomona down, then pomona up)"
-                raise BadInput(problem) from None
+        try:
+            reused = self.prompt_cache.apply(start)
+        except LookupError as error:
+            problem = f"{error}; the stages' prompt caches disagree (pomona down, then pomona up)"
+            raise BadInput(problem) from None
+        if reused is not None:
+            state.caches = reused
             state.position = state.cached_tokens = start.reuse_tokens
         state.keep = start.keep and keepable(state.caches)
 
@@ -422,21 +402,15 @@ class StageEngine:
         stage 0 indexes them by the tokens they hold, or tells the stages to drop them (e.g. a
         request cancelled here while the last stage finished it: kept there, unknown here)."""
         state = self.requests.get(request_id)
-        held = 0
+        caches = None
         if state is not None and state.keep:
             caches = state.caches
             batch = self.batches.get(state.batch) if state.batch is not None else None
             if caches is None and batch is not None and batch.batched and request_id in batch.ids:
                 row = batch.ids.index(request_id)
                 caches = [cache.extract(row) for cache in batch.caches]
-            held = self.kept.keep(request_id, caches) if caches and keepable(caches) else 0
-        if self.prompt_index is not None:
-            tokens = (state.prompt + state.fed)[:held] if state is not None else []
-            if held and len(tokens) == held:
-                self.prompt_index.add(request_id, tokens)
-            else:
-                self.prompt_index.evict(request_id)
-            self.kept.drop(self.prompt_index.evicted)  # here now; the other stages at the next start
+        tokens = state.prompt + state.fed if state is not None else None
+        self.prompt_cache.finished(request_id, caches, tokens)
 
     # -- prefill ---------------------------------------------------------------------------------
     #

@@ -125,3 +125,66 @@ class KeptCaches:
     @property
     def nbytes(self) -> int:
         return sum(cache.nbytes for caches in self.entries.values() for cache in caches)
+
+
+class StagePromptCache:
+    """One stage's part of the prompt cache: its kept entries and, on stage 0, the index that
+    decides for every stage."""
+
+    def __init__(self) -> None:
+        self.kept = KeptCaches()
+        self.index: PromptIndex | None = None
+
+    def reset(self, budget_tokens: int = 0, model_caches: list | None = None) -> None:
+        """Forget every entry. Given a budget and the model's caches (stage 0), decide from now on
+        if every layer of the model keeps a cache that can be kept."""
+        self.kept.clear()
+        deciding = budget_tokens > 0 and model_caches is not None and keepable(model_caches)
+        self.index = PromptIndex(budget_tokens) if deciding else None
+
+    def plan(self, start, prompt: list[int]) -> None:
+        """Stage 0: what a new request takes from the cache and what the stages drop first,
+        written into its ``start`` (what arrived in those fields is not the coordinator's to say)."""
+        del start.evict[:]
+        start.reuse_entry, start.reuse_tokens, start.keep = "", 0, False
+        if self.index is None:
+            return
+        entry, count = self.index.lookup(prompt)
+        kept = self.kept.entries.get(entry)
+        if entry and (kept is None or kept[0].offset < count):  # not what the index says: drop it
+            self.index.evict(entry)
+            entry, count = "", 0
+        start.evict.extend(self.index.take_evicted())
+        start.reuse_entry, start.reuse_tokens, start.keep = entry, count, True
+
+    def apply(self, start) -> list | None:
+        """Every stage, as a request starts: drop the evicted entries; the reused entry's first
+        tokens as new caches (None: the request starts empty). LookupError: not kept here."""
+        self.kept.drop(start.evict)
+        return self.kept.reuse(start.reuse_entry, start.reuse_tokens) if start.reuse_entry else None
+
+    def finished(self, entry: str, caches: list | None, tokens: list[int] | None) -> None:
+        """A request that asked to be kept finished: keep ``caches`` (this stage's; None: none
+        here to keep). Stage 0 indexes them by the first of ``tokens`` they hold (the prompt and
+        the generated tokens fed back; None: the request is unknown here), or has every stage
+        drop the entry (e.g. a request cancelled here while the last stage finished it)."""
+        held = self.kept.keep(entry, caches) if caches and keepable(caches) else 0
+        if self.index is None:
+            return
+        if held and tokens is not None and len(tokens) >= held:
+            self.index.add(entry, tokens[:held])
+        else:
+            self.index.evict(entry)
+        self.kept.drop(self.index.evicted)  # here now; the other stages with the next start
+
+    def forget_all(self) -> None:
+        """Stage 0, when its next stage's link broke: ends in flight may not have reached every
+        stage, so every entry goes (here now, elsewhere with the next start)."""
+        if self.index is not None:
+            for entry in list(self.index.entries):
+                self.index.evict(entry)
+            self.kept.drop(self.index.evicted)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kept.nbytes

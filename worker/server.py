@@ -217,7 +217,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 parameter_bytes=self.engine.parameter_bytes(),
                 rss_bytes=psutil.Process().memory_info().rss,
                 cache_bytes=self.engine.cache_bytes(),
-                prompt_cache_bytes=self.engine.kept.nbytes,
+                prompt_cache_bytes=self.engine.prompt_cache.nbytes,
                 model_path=self._loaded.model_path if self._loaded else "",
             )
 
