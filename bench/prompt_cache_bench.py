@@ -7,7 +7,8 @@ Prints per turn: prompt tokens, tokens taken from the cache, time to first token
 the cache and single-process mlx-lm's, and the ratios. Each turn's greedy tokens are compared
 between the two clusters and mlx-lm.
 
-    .venv/bin/python bench/prompt_cache_bench.py [--turns 4] [--stages 2] [--rounds 3]
+    .venv/bin/python bench/prompt_cache_bench.py [--model tiny|smollm2] [--turns 4] [--stages 2]
+        [--rounds 3] [--system-repeats 12]
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from cluster_helpers import running_cluster  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
+from pomona.fetch import fetch_default_model  # noqa: E402
 from pomona.tokenizer import load_tokenizer  # noqa: E402
+from worker.gguf_loader import build_model, load_gguf  # noqa: E402
 
 SYSTEM = (
     "You are a helpful assistant running on a cluster of small computers. Answer briefly, name "
     "the computers you ran on when asked, and keep to the facts you were given. "
-) * 12
+)
 QUESTIONS = [
     " User: what runs where? Assistant:",
     " User: and how fast is it? Assistant:",
@@ -59,14 +62,19 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="conversations; each turn keeps its best")
+    parser.add_argument("--model", default="tiny", help="tiny (a random llama) or smollm2 (the default)")
+    parser.add_argument("--system-repeats", type=int, default=12, help="the system prompt's length")
     args = parser.parse_args()
-    layouts = {1: [(0, 6)], 2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
+    layers = {"tiny": 6, "smollm2": 30}[args.model]
+    layout = [(layers * i // args.stages, layers * (i + 1) // args.stages) for i in range(args.stages)]
     with tempfile.TemporaryDirectory(prefix="pomona-prompt-cache-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        path = make_tiny_checkpoint("llama", work / "tiny-llama")
-        tokenizer = load_tokenizer(path)
-        model, _ = load_model(path)
-        layout = layouts[args.stages]
+        if args.model == "smollm2":
+            path = fetch_default_model(True)
+            tokenizer, model = load_tokenizer(path), build_model(load_gguf(path))
+        else:
+            path = make_tiny_checkpoint("llama", work / "tiny-llama")
+            tokenizer, model = load_tokenizer(path), load_model(path)[0]
         clusters = {
             "cache": stack.enter_context(running_cluster(work / "on", path, args.stages, layout)),
             "no cache": stack.enter_context(running_cluster(
@@ -80,7 +88,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             # Each round its own conversation (a different opening), so nothing carries over
             # from the last round but what a real server would also have: other conversations.
-            history = f"Conversation {round_index}. {SYSTEM}"
+            history = f"Conversation {round_index}. {SYSTEM * args.system_repeats}"
             for turn in range(args.turns):
                 history += QUESTIONS[turn % len(QUESTIONS)]
                 ids = tokenizer.encode(history)
@@ -95,7 +103,7 @@ def main() -> None:
                         cached[turn], prompts[turn] = summary.cached_prompt_tokens, summary.prompt_tokens
                 same = same and answers["cache"] == answers["no cache"] == expected
                 history += tokenizer.decode(answers["cache"])
-    print(f"\n== tiny llama, {args.stages} stages, {NEW_TOKENS} new tokens a turn, whole history resent "
+    print(f"\n== {args.model}, {args.stages} stages, {NEW_TOKENS} new tokens a turn, whole history resent "
           f"each turn; TTFT best of {args.rounds} conversations ==")
     print(f"{'turn':>4}{'prompt':>8}{'cached':>8}{'no cache':>11}{'cache':>10}{'mlx-lm':>10}"
           f"{'cache / no':>12}{'cache / mlx-lm':>16}")

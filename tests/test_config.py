@@ -106,6 +106,7 @@ BROKEN = [
     ("generation-zero", "generation: {max_tokens: 0}\n" + TWO_NODES, "generation.max_tokens: must"),
     ("micro-batches-word", "generation: {micro_batches: many}\n" + TWO_NODES, "micro_batches: must"),
     ("max-batch-huge", "generation: {max_batch: 5000}\n" + TWO_NODES, "from 1 to 1024"),
+    ("prompt-cache-negative", "generation: {prompt_cache_tokens: -1}\n" + TWO_NODES, "tokens: must be"),
     ("transport-unknown", "transport: mpi\n" + TWO_NODES, "use one of: grpc, mlx-ring"),
     ("transport-empty", "transport: ''\n" + TWO_NODES, "transport: must be a non-empty string"),
     (
@@ -308,6 +309,9 @@ generation: {max_tokens: 64, prefill_chunk_tokens: 32, max_batch: 8, micro_batch
     assert config.generation == GenerationDefaults(64, 32, max_batch=8, micro_batches=3)
     auto = load(tmp_path, TWO_NODES + "generation: {micro_batches: auto}\n")
     assert auto.generation.micro_batches is None
+    assert auto.generation.prompt_cache_tokens == 8192  # the default: on
+    off = load(tmp_path, TWO_NODES + "generation: {prompt_cache_tokens: 0}\n")
+    assert off.generation.prompt_cache_tokens == 0
     assert config.node("b").port == 50052
     assert config.transport == "grpc"
     assert load(tmp_path, TWO_NODES + "transport: mlx-ring\n").transport == "mlx-ring"
