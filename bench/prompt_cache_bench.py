@@ -105,12 +105,12 @@ def main() -> None:
                 history += tokenizer.decode(answers["cache"])
     print(f"\n== {args.model}, {args.stages} stages, {NEW_TOKENS} new tokens a turn, whole history resent "
           f"each turn; TTFT best of {args.rounds} conversations ==")
-    print(f"{'turn':>4}{'prompt':>8}{'cached':>8}{'no cache':>11}{'cache':>10}{'mlx-lm':>10}"
+    print(f"{'turn':>4}{'prompt':>8}{'cached':>8}{'no cache':>13}{'cache':>12}{'mlx-lm':>12}"
           f"{'cache / no':>12}{'cache / mlx-lm':>16}")
     for turn in range(args.turns):
         off, on, reference = best["no cache", turn], best["cache", turn], best["mlx-lm", turn]
-        print(f"{turn + 1:>4}{prompts[turn]:>8}{cached[turn]:>8}{off * 1e3:>8.1f} ms"
-              f"{on * 1e3:>7.1f} ms{reference * 1e3:>7.1f} ms{on / off:>12.2f}{on / reference:>16.2f}")
+        print(f"{turn + 1:>4}{prompts[turn]:>8}{cached[turn]:>8}{off * 1e3:>10.1f} ms"
+              f"{on * 1e3:>9.1f} ms{reference * 1e3:>9.1f} ms{on / off:>12.2f}{on / reference:>16.2f}")
     verdict = "yes" if same else "NO"
     print(f"greedy tokens the same with and without the cache and in mlx-lm, every turn: {verdict}")
     if not same:
