@@ -99,15 +99,20 @@ class KeptCaches:
         self.entries[entry] = caches
         return caches[0].offset
 
+    def holds(self, entry: str, tokens: int) -> bool:
+        """Whether ``entry`` is kept here with at least ``tokens`` positions."""
+        kept = self.entries.get(entry)
+        return kept is not None and kept[0].offset >= tokens
+
     def reuse(self, entry: str, tokens: int) -> list[KVCache]:
         """New caches holding the first ``tokens`` positions of ``entry`` (the entry stays as it
         is: the new caches hold slices, and grow into arrays of their own)."""
-        kept = self.entries.get(entry)
-        if kept is None or kept[0].offset < tokens:
+        if not self.holds(entry, tokens):
+            kept = self.entries.get(entry)
             held = "not here" if kept is None else f"only {kept[0].offset} tokens here"
             raise LookupError(f"prompt cache entry {entry!r} for {tokens} tokens is {held}")
         copies = []
-        for cache in kept:
+        for cache in self.entries[entry]:
             copy = KVCache()
             copy.keys = cache.keys[..., :tokens, :]
             copy.values = cache.values[..., :tokens, :]
@@ -150,8 +155,7 @@ class StagePromptCache:
         if self.index is None:
             return
         entry, count = self.index.lookup(prompt)
-        kept = self.kept.entries.get(entry)
-        if entry and (kept is None or kept[0].offset < count):  # not what the index says: drop it
+        if entry and not self.kept.holds(entry, count):  # not what the index says: drop it
             self.index.evict(entry)
             entry, count = "", 0
         start.evict.extend(self.index.take_evicted())
