@@ -28,6 +28,10 @@ NEW_TOKENS = 6
 def bystanders():
     """Unrelated processes of this machine, standing in for whatever reused a recorded pid."""
     started = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]) for _ in range(3)]
+    # A process is told from a reused pid by its start time, which `ps -o lstart=` gives to the
+    # second: a stand-in started in the same second as the worker it poses as would pass for it
+    # (a real reuse comes after that worker died, never in its first second). Start apart.
+    time.sleep(1.1)
     yield [p.pid for p in started]
     for process in started:
         process.kill()
